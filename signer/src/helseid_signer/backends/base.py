@@ -1,0 +1,143 @@
+"""The key-backend seam: one small protocol every key store meets, typed errors, and a
+registry keyed by the key reference's URI scheme.
+
+A backend's whole contract (:class:`KeyBackend`):
+
+* ``resolve(uri)`` pins a key reference to one key version and returns its public key;
+* ``sign(key, alg, signing_input)`` signs a JWS signing input and returns the signature
+  already in JOSE form (RSA: modulus-size bytes; ECDSA: fixed-width ``R || S``);
+* ``health()`` says whether it can sign now; ``close()`` releases it.
+
+Creating and listing keys are optional capabilities (:class:`KeyCreator`), tested for
+with ``isinstance``. Modelled on smallstep ``crypto/kms/apiv1``.
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Protocol, runtime_checkable
+
+from ..algorithms import Algorithm, PublicKey
+
+
+class BackendError(Exception):
+    """Base of all backend errors. ``grpc_code`` names the gRPC status it maps to."""
+
+    grpc_code: ClassVar[str] = "INTERNAL"
+
+
+class BackendConfigError(BackendError):
+    """The backend's configuration or a key reference is wrong; start-up stops."""
+
+    grpc_code = "FAILED_PRECONDITION"
+
+
+class KeyNotFoundError(BackendError):
+    """The key reference names no key in the backend."""
+
+    grpc_code = "UNAVAILABLE"
+
+
+class BackendUnavailableError(BackendError):
+    """The backend cannot be reached or has lost its state; retrying later may work."""
+
+    grpc_code = "UNAVAILABLE"
+
+
+class BackendThrottledError(BackendError):
+    """The backend throttled the request and bounded retries did not get through."""
+
+    grpc_code = "RESOURCE_EXHAUSTED"
+
+
+class KeyAccessDeniedError(BackendError):
+    """The service lacks rights to the key, or the key is disabled."""
+
+    grpc_code = "FAILED_PRECONDITION"
+
+
+@dataclass(frozen=True)
+class ResolvedKey:
+    """A key reference pinned to one key version.
+
+    Attributes:
+        uri: the key reference as configured (``pkcs11:...``, ``awskms:...``, ``azurekv:...``).
+        version: what identifies the exact key version that signs (PKCS#11: token serial
+            and object id; AWS: key ARN; Azure: versioned key URL). Goes into audit records.
+        public_key: that version's public key (``cryptography`` object).
+        handle: backend-private state needed to sign (never shown to callers).
+    """
+
+    uri: str
+    version: str
+    public_key: PublicKey
+    handle: Any = field(default=None, compare=False, repr=False)
+
+
+@runtime_checkable
+class KeyBackend(Protocol):
+    """What every key backend implements."""
+
+    scheme: ClassVar[str]
+
+    def resolve(self, uri: str) -> ResolvedKey:
+        """Pin ``uri`` to one key version. Raises KeyNotFoundError, BackendConfigError,
+        BackendUnavailableError."""
+        ...
+
+    def sign(self, key: ResolvedKey, alg: Algorithm, signing_input: bytes) -> bytes:
+        """Sign ``signing_input`` (the ASCII JWS signing input, any length) with ``alg``.
+
+        The caller has already checked that ``alg`` fits the key. Returns the JWS
+        signature bytes (RSA: modulus length; ES256/384/512: 64/96/132 bytes ``R || S``).
+        Raises a :class:`BackendError` subclass.
+        """
+        ...
+
+    def health(self) -> bool:
+        """True when the backend can sign now."""
+        ...
+
+    def close(self) -> None:
+        """Release sessions and connections."""
+        ...
+
+
+@runtime_checkable
+class KeyCreator(Protocol):
+    """Optional: create a non-exportable signing key."""
+
+    def create_key(self, uri: str, key_spec: str) -> ResolvedKey:
+        """Create a key at ``uri``; ``key_spec`` is ``RSA-2048``/``RSA-3072``/``RSA-4096``
+        or ``EC-P256``/``EC-P384``/``EC-P521``. Raises BackendError subclasses."""
+        ...
+
+
+#: URI scheme -> "module:Class" of the backend; imported only when a key uses it, so the
+#: cloud SDKs need not be installed where they are not used.
+REGISTRY: dict[str, str] = {
+    "pkcs11": "helseid_signer.backends.pkcs11:Pkcs11Backend",
+}
+
+KEY_SPECS = ("RSA-2048", "RSA-3072", "RSA-4096", "EC-P256", "EC-P384", "EC-P521")
+
+
+def scheme_of(uri: str) -> str:
+    """The scheme of a key reference; BackendConfigError if none or unknown."""
+    scheme, sep, _ = uri.partition(":")
+    if not sep or scheme not in REGISTRY:
+        raise BackendConfigError(f"key reference {uri!r} must start with one of {', '.join(s + ':' for s in REGISTRY)}")
+    return scheme
+
+
+def backend_class(scheme: str) -> type:
+    """Import and return the backend class registered for ``scheme``."""
+    module_name, _, class_name = REGISTRY[scheme].partition(":")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:  # an optional extra is not installed
+        raise BackendConfigError(
+            f"backend {scheme!r} needs an extra that is not installed: pip install 'helseid-signer[{scheme}]' ({exc})"
+        ) from exc
+    return getattr(module, class_name)

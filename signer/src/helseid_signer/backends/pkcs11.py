@@ -1,0 +1,393 @@
+"""PKCS#11 backend (python-pkcs11): keys in an HSM, SoftHSM for development and tests.
+
+Key references are RFC 7512 PKCS#11 URIs, e.g.
+``pkcs11:token=helseid-dev;object=demo-assertion`` (``id=%01%02`` may name the object by
+CKA_ID instead of, or as well as, its label). The token is found by label (or
+``serial``), never by slot number: slot ids change when a token is re-initialised.
+
+Mechanisms are always named, with explicit parameters (python-pkcs11's defaults are
+SHA-512 mechanisms and SHA-1/20-byte PSS, both wrong for JOSE):
+
+=========  =====================================  ======================================
+alg        mechanism                              input
+=========  =====================================  ======================================
+RS256..512 CKM_SHA{256,384,512}_RSA_PKCS           the whole signing input (hashed in token)
+PS256..512 CKM_SHA{256,384,512}_RSA_PKCS_PSS       signing input; params: same hash, MGF1 of
+                                                   the same hash, salt = hash length
+ES256..512 CKM_ECDSA                               SHA-2 digest of the signing input
+=========  =====================================  ======================================
+
+SoftHSM 2.6 has no CKM_ECDSA_SHA*, hence ECDSA over a digest computed here. PKCS#11
+returns ECDSA signatures as raw ``R || S``; the width is checked.
+
+Concurrency: python-pkcs11 0.10.1 calls ``C_Initialize(NULL)`` - without
+``CKF_OS_LOCKING_OK``, so SoftHSM disables its own locking - and releases the GIL around
+every call. Two threads in one module therefore corrupt the heap. This backend holds
+ONE lock per module around every Cryptoki call (and uses one logged-in session per
+token, which the lock also serialises: a session runs one operation at a time).
+Several cores are used by running several worker processes, each with its own
+Cryptoki instance initialised after the fork (see ``server.py``). Chosen because it is
+the simplest arrangement that is safe for every module, not only SoftHSM; a per-process
+sign rate of ~1,500 RSA-2048 signatures/s is far above what a HelseID client needs.
+
+Login state belongs to the token: the session is never logged out or closed while the
+process serves (``Session.close`` would log out every session of the token).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import secrets
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, ClassVar
+from urllib.parse import unquote, unquote_to_bytes
+
+import pkcs11
+from asn1crypto.core import ObjectIdentifier, OctetString
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from pkcs11 import MGF, Attribute, KeyType, Mechanism, ObjectClass
+from pkcs11.exceptions import PKCS11Error
+from pkcs11.util.ec import encode_named_curve_parameters
+
+from ..algorithms import CURVES, CURVES_BY_OID, Algorithm, Padding, PublicKey
+from .base import (
+    KEY_SPECS,
+    BackendConfigError,
+    BackendUnavailableError,
+    KeyNotFoundError,
+    ResolvedKey,
+)
+
+_RSA_MECHANISMS = {
+    ("sha256", Padding.PKCS1V15): Mechanism.SHA256_RSA_PKCS,
+    ("sha384", Padding.PKCS1V15): Mechanism.SHA384_RSA_PKCS,
+    ("sha512", Padding.PKCS1V15): Mechanism.SHA512_RSA_PKCS,
+    ("sha256", Padding.PSS): Mechanism.SHA256_RSA_PKCS_PSS,
+    ("sha384", Padding.PSS): Mechanism.SHA384_RSA_PKCS_PSS,
+    ("sha512", Padding.PSS): Mechanism.SHA512_RSA_PKCS_PSS,
+}
+_PSS_PARAMS = {
+    "sha256": (Mechanism.SHA256, MGF.SHA256, 32),
+    "sha384": (Mechanism.SHA384, MGF.SHA384, 48),
+    "sha512": (Mechanism.SHA512, MGF.SHA512, 64),
+}
+_CURVE_NAMES = {"P-256": "secp256r1", "P-384": "secp384r1", "P-521": "secp521r1"}
+
+#: One lock per loaded module path, shared by every backend object of this process.
+_MODULE_LOCKS: dict[str, threading.RLock] = {}
+_MODULE_LOCKS_GUARD = threading.Lock()
+
+
+def module_lock(module_path: str) -> threading.RLock:
+    """The process-wide lock that serialises every Cryptoki call into ``module_path``."""
+    with _MODULE_LOCKS_GUARD:
+        return _MODULE_LOCKS.setdefault(module_path, threading.RLock())
+
+
+@dataclass(frozen=True)
+class Pkcs11Uri:
+    """The parts of an RFC 7512 PKCS#11 URI this backend uses.
+
+    ``object_id`` is the raw CKA_ID bytes (``id=%01%a2``); ``pin_source`` a ``file:`` path
+    from the ``pin-source`` query attribute. ``pin-value`` is refused: PINs come only from
+    an environment variable or a file, never from configuration text.
+    """
+
+    token: str | None
+    serial: str | None
+    object_label: str | None
+    object_id: bytes | None
+    module_path: str | None
+    pin_source: str | None
+
+    @classmethod
+    def parse(cls, uri: str) -> Pkcs11Uri:
+        """Parse ``uri``; BackendConfigError naming the problem if it is not usable."""
+        if not uri.startswith("pkcs11:"):
+            raise BackendConfigError(f"{uri!r} is not a PKCS#11 URI (RFC 7512)")
+        path, _, query = uri[len("pkcs11:") :].partition("?")
+        attrs: dict[str, str] = {}
+        for part in filter(None, path.split(";")):
+            name, eq, value = part.partition("=")
+            if not eq:
+                raise BackendConfigError(f"PKCS#11 URI attribute {part!r} has no value")
+            attrs[name] = value
+        qattrs: dict[str, str] = {}
+        for part in filter(None, query.split("&")):
+            name, eq, value = part.partition("=")
+            qattrs[name] = value
+        if "pin-value" in qattrs:
+            raise BackendConfigError(
+                "PKCS#11 URI: pin-value is refused; give the PIN by pin_env, pin_file or pin-source=file:"
+            )
+        if "slot-id" in attrs:
+            raise BackendConfigError("PKCS#11 URI: slot-id is refused; name the token by token= (label) or serial=")
+        unknown = set(attrs) - {"token", "serial", "object", "id", "type", "manufacturer", "model"}
+        if unknown:
+            raise BackendConfigError(f"PKCS#11 URI: unsupported attribute(s) {sorted(unknown)}")
+        if attrs.get("type", "private") != "private":
+            raise BackendConfigError("PKCS#11 URI: type must be 'private' (or omitted)")
+        if "token" not in attrs and "serial" not in attrs:
+            raise BackendConfigError(f"PKCS#11 URI {uri!r} names no token (token= or serial=)")
+        if "object" not in attrs and "id" not in attrs:
+            raise BackendConfigError(f"PKCS#11 URI {uri!r} names no key (object= or id=)")
+        pin_source = qattrs.get("pin-source")
+        if pin_source is not None:
+            pin_source = unquote(pin_source)
+            if not pin_source.startswith("file:"):
+                raise BackendConfigError("PKCS#11 URI: pin-source must be a file: URI")
+            pin_source = pin_source[len("file:") :]
+        return cls(
+            token=unquote(attrs["token"]) if "token" in attrs else None,
+            serial=unquote(attrs["serial"]) if "serial" in attrs else None,
+            object_label=unquote(attrs["object"]) if "object" in attrs else None,
+            object_id=unquote_to_bytes(attrs["id"]) if "id" in attrs else None,
+            module_path=unquote(qattrs["module-path"]) if "module-path" in qattrs else None,
+            pin_source=pin_source,
+        )
+
+    def object_template(self, object_class: ObjectClass) -> dict[Attribute, Any]:
+        """A C_FindObjects template for this URI's key of ``object_class``."""
+        template: dict[Attribute, Any] = {Attribute.CLASS: object_class}
+        if self.object_label is not None:
+            template[Attribute.LABEL] = self.object_label
+        if self.object_id is not None:
+            template[Attribute.ID] = self.object_id
+        return template
+
+
+def ec_point_from_attribute(value: bytes, size: int) -> bytes:
+    """The uncompressed EC point from CKA_EC_POINT.
+
+    Most tokens give a DER OCTET STRING around the point (long-form length for P-521);
+    some give the bare point. A bare uncompressed point is exactly ``1 + 2*size`` bytes
+    starting with 0x04; anything else is parsed as DER. ValueError if neither fits.
+    """
+    if len(value) == 1 + 2 * size and value[0] == 0x04:
+        return value
+    point = OctetString.load(value).native
+    if len(point) != 1 + 2 * size or point[0] != 0x04:
+        raise ValueError("CKA_EC_POINT is neither a bare nor a DER-wrapped uncompressed point")
+    return point
+
+
+def _attr_bytes(obj: Any, attribute: Attribute) -> bytes:
+    value = obj[attribute]
+    return bytes(value) if not isinstance(value, bytes) else value
+
+
+class Pkcs11Backend:
+    """Keys in a PKCS#11 token. See the module docstring for mechanisms and locking.
+
+    Args:
+        module: path of the PKCS#11 module (``/usr/lib/softhsm/libsofthsm2.so``).
+        pin_env: name of an environment variable holding the user PIN, or None.
+        pin_file: path of a file holding the user PIN (trailing newline stripped), or None.
+
+    Raises BackendConfigError when neither PIN source is usable.
+    """
+
+    scheme: ClassVar[str] = "pkcs11"
+
+    def __init__(self, module: str, pin_env: str | None = None, pin_file: str | None = None) -> None:
+        self.module_path = module
+        self._pin_env = pin_env
+        self._pin_file = pin_file
+        self._lock = module_lock(module)
+        self._lib: Any = None
+        self._sessions: dict[tuple[str | None, str | None], Any] = {}
+        self._healthy = True
+
+    # -- Cryptoki state -------------------------------------------------------------
+
+    def _library(self) -> Any:
+        if self._lib is None:
+            if not Path(self.module_path).exists():
+                raise BackendConfigError(f"PKCS#11 module {self.module_path!r} does not exist")
+            self._lib = pkcs11.lib(self.module_path)
+        return self._lib
+
+    def _read_pin(self, uri: Pkcs11Uri) -> str:
+        path = uri.pin_source or self._pin_file
+        if path:
+            try:
+                return Path(path).read_text().rstrip("\r\n")
+            except OSError as exc:
+                raise BackendConfigError(f"cannot read the PKCS#11 PIN file {path!r}: {exc.strerror}") from None
+        if self._pin_env:
+            pin = os.environ.get(self._pin_env)
+            if pin:
+                return pin
+            raise BackendConfigError(f"environment variable {self._pin_env} (the PKCS#11 PIN) is not set")
+        raise BackendConfigError("no PKCS#11 PIN source: set pin_env or pin_file for the pkcs11 backend")
+
+    def _session(self, uri: Pkcs11Uri) -> Any:
+        """The logged-in session of the token ``uri`` names (caller holds the lock)."""
+        key = (uri.token, uri.serial)
+        session = self._sessions.get(key)
+        if session is None:
+            lib = self._library()
+            try:
+                token = lib.get_token(token_label=uri.token, token_serial=uri.serial)
+            except pkcs11.NoSuchToken:
+                raise KeyNotFoundError(f"no PKCS#11 token with label {uri.token!r} / serial {uri.serial!r}") from None
+            except pkcs11.MultipleTokensReturned:
+                raise BackendConfigError(
+                    f"several PKCS#11 tokens match label {uri.token!r}; add serial= to the URI"
+                ) from None
+            pin = self._read_pin(uri)
+            try:
+                session = token.open(user_pin=pin, rw=True)
+            except pkcs11.PinIncorrect:
+                raise BackendConfigError(f"the PKCS#11 PIN for token {uri.token!r} is incorrect") from None
+            except pkcs11.UserAlreadyLoggedIn:  # login state is per token: fine
+                session = token.open(rw=True)
+            self._sessions[key] = session
+        return session
+
+    # -- KeyBackend -----------------------------------------------------------------
+
+    def resolve(self, uri: str) -> ResolvedKey:
+        """Find the private key and its public key object; pin them by token serial and CKA_ID."""
+        parsed = Pkcs11Uri.parse(uri)
+        self._check_module(parsed)
+        with self._lock:
+            try:
+                session = self._session(parsed)
+                private = self._find_one(session, parsed, ObjectClass.PRIVATE_KEY, uri)
+                public = self._find_one(session, parsed, ObjectClass.PUBLIC_KEY, uri)
+                public_key = self._public_key(public)
+                object_id = _attr_bytes(private, Attribute.ID)
+                serial = (
+                    session.token.serial.decode() if isinstance(session.token.serial, bytes) else session.token.serial
+                )
+            except PKCS11Error as exc:
+                raise BackendUnavailableError(f"PKCS#11 error resolving {uri!r}: {type(exc).__name__}") from exc
+        version = f"serial={serial.strip()};id={object_id.hex()}"
+        return ResolvedKey(uri=uri, version=version, public_key=public_key, handle=private)
+
+    def _check_module(self, parsed: Pkcs11Uri) -> None:
+        if parsed.module_path and parsed.module_path != self.module_path:
+            raise BackendConfigError(
+                f"PKCS#11 URI names module {parsed.module_path!r}, the backend is configured with {self.module_path!r}"
+            )
+
+    @staticmethod
+    def _find_one(session: Any, parsed: Pkcs11Uri, object_class: ObjectClass, uri: str) -> Any:
+        found = list(session.get_objects(parsed.object_template(object_class)))
+        kind = "private" if object_class == ObjectClass.PRIVATE_KEY else "public"
+        if not found:
+            raise KeyNotFoundError(f"no {kind} key object for {uri!r}")
+        if len(found) > 1:
+            raise BackendConfigError(f"{len(found)} {kind} key objects match {uri!r}; add id= to the URI")
+        return found[0]
+
+    @staticmethod
+    def _public_key(public: Any) -> PublicKey:
+        key_type = public[Attribute.KEY_TYPE]
+        if key_type == KeyType.RSA:
+            n = int.from_bytes(_attr_bytes(public, Attribute.MODULUS), "big")  # leading zeros vanish
+            e = int.from_bytes(_attr_bytes(public, Attribute.PUBLIC_EXPONENT), "big")
+            return rsa.RSAPublicNumbers(e, n).public_key()
+        if key_type == KeyType.EC:
+            oid = ObjectIdentifier.load(_attr_bytes(public, Attribute.EC_PARAMS)).dotted
+            curve = CURVES_BY_OID.get(oid)
+            if curve is None:
+                raise BackendConfigError(f"EC key on curve {oid} is not P-256, P-384 or P-521")
+            point = ec_point_from_attribute(_attr_bytes(public, Attribute.EC_POINT), curve.size)
+            return ec.EllipticCurvePublicKey.from_encoded_point(curve.crypto(), point)
+        raise BackendConfigError(f"key type {key_type!r} is neither RSA nor EC")
+
+    def sign(self, key: ResolvedKey, alg: Algorithm, signing_input: bytes) -> bytes:
+        """Sign with the mechanism table above; BackendUnavailableError on any Cryptoki error."""
+        if alg.padding is Padding.NONE:
+            data = hashlib.new(alg.hash_name, signing_input).digest()
+            mechanism, param = Mechanism.ECDSA, None
+        else:
+            data = signing_input
+            mechanism = _RSA_MECHANISMS[(alg.hash_name, alg.padding)]
+            param = _PSS_PARAMS[alg.hash_name] if alg.padding is Padding.PSS else None
+        with self._lock:
+            try:
+                signature = key.handle.sign(data, mechanism=mechanism, mechanism_param=param)
+            except PKCS11Error as exc:
+                self._healthy = False
+                raise BackendUnavailableError(f"PKCS#11 sign failed: {type(exc).__name__}") from exc
+        self._healthy = True
+        if alg.signature_size is not None and len(signature) != alg.signature_size:
+            raise BackendUnavailableError(
+                f"token returned a {len(signature)}-byte ECDSA signature, {alg.signature_size} expected"
+            )
+        return bytes(signature)
+
+    def health(self) -> bool:
+        """False after a failed Cryptoki call, until a signature succeeds again."""
+        return self._healthy
+
+    def close(self) -> None:
+        """Forget sessions (they end with the process; an explicit close would log the token out)."""
+        self._sessions.clear()
+
+    # -- KeyCreator -----------------------------------------------------------------
+
+    def create_key(self, uri: str, key_spec: str) -> ResolvedKey:
+        """Generate a non-exportable key pair (CKA_SENSITIVE, not CKA_EXTRACTABLE, CKA_SIGN
+        only) in the token ``uri`` names, labelled with its ``object=``.
+
+        ``key_spec``: RSA-2048/3072/4096 (public exponent 65537) or EC-P256/P384/P521.
+        The CKA_ID is 16 random bytes unless the URI gives ``id=``. Raises
+        BackendConfigError if an object with that label already exists.
+        """
+        if key_spec not in KEY_SPECS:
+            raise BackendConfigError(f"key spec {key_spec!r} is not one of {', '.join(KEY_SPECS)}")
+        parsed = Pkcs11Uri.parse(uri)
+        if parsed.object_label is None:
+            raise BackendConfigError("keys create needs object=<label> in the PKCS#11 URI")
+        self._check_module(parsed)
+        object_id = parsed.object_id or secrets.token_bytes(16)
+        private_template = {
+            Attribute.TOKEN: True,
+            Attribute.PRIVATE: True,
+            Attribute.SENSITIVE: True,
+            Attribute.EXTRACTABLE: False,
+            Attribute.SIGN: True,
+            Attribute.DECRYPT: False,
+            Attribute.UNWRAP: False,
+            Attribute.DERIVE: False,
+        }
+        public_template = {
+            Attribute.TOKEN: True,
+            Attribute.VERIFY: True,
+            Attribute.ENCRYPT: False,
+            Attribute.WRAP: False,
+        }
+        with self._lock:
+            session = self._session(parsed)
+            existing = list(session.get_objects({Attribute.LABEL: parsed.object_label}))
+            if existing:
+                raise BackendConfigError(f"an object labelled {parsed.object_label!r} already exists in the token")
+            kind, _, size = key_spec.partition("-")
+            common = dict(
+                store=True,
+                label=parsed.object_label,
+                id=object_id,
+                public_template=public_template,
+                private_template=private_template,
+            )
+            if kind == "RSA":
+                session.generate_keypair(KeyType.RSA, int(size), **common)
+            else:
+                curve = CURVES["P-" + size[1:]]
+                params = session.create_domain_parameters(
+                    KeyType.EC,
+                    {Attribute.EC_PARAMS: encode_named_curve_parameters(_CURVE_NAMES[curve.name])},
+                    local=True,
+                )
+                params.generate_keypair(**common)
+        if parsed.object_id is None:
+            path, sep, query = uri.partition("?")
+            uri = f"{path};id={''.join(f'%{b:02x}' for b in object_id)}{sep}{query}"
+        return self.resolve(uri)

@@ -1,0 +1,158 @@
+"""Request checks and claim building for client assertions and DPoP proofs.
+
+The service, not the caller, decides every header and claim it can know. Sources:
+RFC 7523 section 3 and HelseID's client-assertion profile (``iss``/``sub``/``aud``/
+``exp``/``jti``, ``typ: client-authentication+jwt``, ``assertion_details``), RFC 9449
+section 4.2 (DPoP proof: ``typ: dpop+jwt``, ``jwk``, ``jti``, ``htm``, ``htu``, ``iat``,
+``nonce``, ``ath``), RFC 9110 section 9.1 (methods are case-sensitive), RFC 3986
+section 6.2.3 (scheme-based normalisation of ``htu``).
+"""
+
+from __future__ import annotations
+
+import re
+import secrets
+from typing import Any
+from urllib.parse import urlsplit
+
+from .jwt import b64url
+
+#: HTTP methods a DPoP ``htm`` may name, exactly as written (RFC 9110 section 9 + PATCH).
+HTTP_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "DELETE", "CONNECT", "OPTIONS", "TRACE", "PATCH"})
+MAX_HTU_LENGTH = 2048
+MAX_NONCE_LENGTH = 512
+_PROFILE_RE = re.compile(r"[A-Za-z0-9._-]{1,64}")
+_NONCE_RE = re.compile(r"[\x21\x23-\x5b\x5d-\x7e]+")  # NQCHAR, RFC 9449 section 8.1
+_ORGNR_RE = re.compile(r"[0-9]{9}")
+_DEFAULT_PORTS = {"http": 80, "https": 443}
+HELSEID_ORGNR_SYSTEM = "urn:oid:2.16.578.1.12.4.1.4.101"
+MULTI_TENANT_SYSTEM = "urn:oid:1.0.6523"
+
+
+class RequestError(ValueError):
+    """A request field is unacceptable.
+
+    Attributes:
+        field: the request field's name, e.g. ``"htu"``.
+        code: the gRPC status name: ``INVALID_ARGUMENT`` (malformed), ``NOT_FOUND``
+            (no such profile) or ``PERMISSION_DENIED`` (well-formed but not allowed).
+    """
+
+    def __init__(self, field: str, message: str, code: str = "INVALID_ARGUMENT") -> None:
+        super().__init__(f"{field}: {message}")
+        self.field = field
+        self.code = code
+
+
+def new_jti() -> str:
+    """A fresh ``jti``: 24 random bytes (192 bits) as 32 base64url characters."""
+    return b64url(secrets.token_bytes(24))
+
+
+def check_profile_name(profile: str) -> str:
+    """1..64 characters of ``[A-Za-z0-9._-]``; RequestError naming ``profile`` otherwise."""
+    if not _PROFILE_RE.fullmatch(profile):
+        raise RequestError("profile", "must be 1..64 characters of A-Z a-z 0-9 . _ -")
+    return profile
+
+
+def check_htm(htm: str) -> str:
+    """``htm`` must be a standard method in upper case, exactly (RFC 9110 section 9.1)."""
+    if htm not in HTTP_METHODS:
+        if htm.upper() in HTTP_METHODS:
+            raise RequestError("htm", f"methods are case-sensitive: send {htm.upper()!r}, not {htm[:16]!r}")
+        raise RequestError("htm", f"must be one of {', '.join(sorted(HTTP_METHODS))}")
+    return htm
+
+
+def canonical_htu(htu: str) -> str:
+    """The ``htu`` claim for request URI ``htu`` (RFC 9449 section 4.2, RFC 3986 6.2.3).
+
+    Keeps scheme, host, non-default port and path (an empty path becomes ``/``); drops
+    query and fragment; lower-cases scheme and host. Refuses (RequestError on field
+    ``htu``): over 2048 characters, non-ASCII or control characters or spaces, a scheme
+    other than http/https, a missing host, userinfo, an invalid port.
+    """
+    if not htu:
+        raise RequestError("htu", "is required")
+    if len(htu) > MAX_HTU_LENGTH:
+        raise RequestError("htu", f"is longer than {MAX_HTU_LENGTH} characters")
+    if not htu.isascii() or any(c <= " " or c == "\x7f" for c in htu):
+        raise RequestError("htu", "must be ASCII without spaces or control characters (percent-encode)")
+    parts = urlsplit(htu)
+    scheme = parts.scheme.lower()
+    if scheme not in _DEFAULT_PORTS:
+        raise RequestError("htu", "must be an absolute http or https URI")
+    if "@" in parts.netloc:
+        raise RequestError("htu", "must not contain userinfo")
+    host = parts.hostname
+    if not host:
+        raise RequestError("htu", "has no host")
+    try:
+        port = parts.port
+    except ValueError:
+        raise RequestError("htu", "has an invalid port") from None
+    if ":" in host:
+        host = f"[{host}]"
+    netloc = host if port in (None, _DEFAULT_PORTS[scheme]) else f"{host}:{port}"
+    return f"{scheme}://{netloc}{parts.path or '/'}"
+
+
+def check_nonce(nonce: str) -> str | None:
+    """Empty -> None; else 1..512 NQCHAR characters (RFC 9449 section 8.1)."""
+    if not nonce:
+        return None
+    if len(nonce) > MAX_NONCE_LENGTH:
+        raise RequestError("nonce", f"is longer than {MAX_NONCE_LENGTH} characters")
+    if not _NONCE_RE.fullmatch(nonce):
+        raise RequestError("nonce", "must contain only NQCHAR characters (RFC 9449 section 8.1)")
+    return nonce
+
+
+def check_access_token_sha256(digest: bytes) -> str | None:
+    """Empty -> None (token-endpoint proof); exactly 32 bytes -> the ``ath`` value."""
+    if not digest:
+        return None
+    if len(digest) != 32:
+        raise RequestError("access_token_sha256", f"must be exactly 32 bytes (SHA-256), got {len(digest)}")
+    return b64url(digest)
+
+
+def assertion_details(
+    tenancy: str,
+    allowed: tuple[str, ...],
+    parent: str,
+    child: str,
+) -> dict[str, Any] | None:
+    """The HelseID ``assertion_details`` claim for the requested organisation numbers.
+
+    Single-tenant: only ``child`` may be given; the identifier is
+    ``{system: urn:oid:2.16.578.1.12.4.1.4.101, type: ENH, value: <child>}``.
+    Multi-tenant: ``parent`` (and optionally ``child``); the identifier is
+    ``{system: urn:oid:1.0.6523, type: ENH, value: NO:ORGNR:<parent>[:<child>]}``.
+    Each number must be 9 digits (INVALID_ARGUMENT) and on ``allowed``
+    (PERMISSION_DENIED). Returns None when no number is given.
+    """
+    for field, value in (("parent_organization_number", parent), ("child_organization_number", child)):
+        if value and not _ORGNR_RE.fullmatch(value):
+            raise RequestError(field, "must be exactly 9 digits")
+    if tenancy == "single":
+        if parent:
+            raise RequestError("parent_organization_number", "is only for multi-tenant profiles")
+        if not child:
+            return None
+        system, value = HELSEID_ORGNR_SYSTEM, child
+    else:
+        if child and not parent:
+            raise RequestError("parent_organization_number", "is required with a child organisation number")
+        if not parent:
+            return None
+        system = MULTI_TENANT_SYSTEM
+        value = f"NO:ORGNR:{parent}:{child}" if child else f"NO:ORGNR:{parent}"
+    for field, number in (("parent_organization_number", parent), ("child_organization_number", child)):
+        if number and number not in allowed:
+            raise RequestError(field, "is not allowed for this profile", code="PERMISSION_DENIED")
+    return {
+        "type": "helseid_authorization",
+        "practitioner_role": {"organization": {"identifier": {"system": system, "type": "ENH", "value": value}}},
+    }

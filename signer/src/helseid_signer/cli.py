@@ -1,0 +1,139 @@
+"""``helseid-signer`` command line: ``serve``, ``keys create``, ``keys jwk``.
+
+Exit codes: 0 success, 2 usage or configuration error (message on stderr naming the
+key), 1 any other failure. Never prints a private key or a PIN.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import sys
+import tomllib
+from pathlib import Path
+
+from .backends.base import KEY_SPECS, BackendError, KeyCreator, backend_class, scheme_of
+from .config import ConfigError, Pkcs11Settings, load_settings
+from .keys import KeyResolutionError, build_backends, resolve_keys
+
+
+class _JsonFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        entry = {
+            "time": self.formatTime(record, "%Y-%m-%dT%H:%M:%S%z"),
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        if record.exc_info:
+            entry["exception"] = self.formatException(record.exc_info)
+        return json.dumps(entry)
+
+
+def _setup_logging(level: str) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(_JsonFormatter())
+    logging.basicConfig(level=level.upper(), handlers=[handler], force=True)
+
+
+def _backend_for_create(args: argparse.Namespace):
+    scheme = scheme_of(args.uri)
+    if args.config:
+        try:
+            data = tomllib.loads(Path(args.config).read_text())
+            options = data.get("backends", {}).get(scheme)
+            if options is None:
+                raise ConfigError(f"{args.config}: no [backends.{scheme}] section")
+            if scheme == "pkcs11":
+                options = Pkcs11Settings.model_validate(options)
+                if options.pin_file and not Path(options.pin_file).is_absolute():
+                    options = options.model_copy(
+                        update={"pin_file": str(Path(args.config).resolve().parent / options.pin_file)}
+                    )
+                options = options.model_dump()
+        except (OSError, tomllib.TOMLDecodeError) as exc:
+            raise ConfigError(f"{args.config}: {exc}") from None
+    else:
+        options = {"module": args.module, "pin_env": args.pin_env, "pin_file": args.pin_file}
+    return backend_class(scheme)(**options)
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from .server import serve
+
+    settings = load_settings(args.config)
+    asyncio.run(serve(settings, ready_file=args.ready_file))
+    return 0
+
+
+def cmd_keys_create(args: argparse.Namespace) -> int:
+    from .keys import make_signing_key
+
+    backend = _backend_for_create(args)
+    if not isinstance(backend, KeyCreator):
+        raise BackendError(f"backend {backend.scheme} cannot create keys")
+    resolved = backend.create_key(args.uri, args.spec)
+    key = make_signing_key(args.uri, args.alg, backend, resolved) if args.alg else None
+    from .jwt import public_jwk, thumbprint
+
+    jwk = public_jwk(resolved.public_key)
+    out = dict(jwk, kid=thumbprint(jwk))
+    if key:
+        out["alg"] = key.alg.name
+    print(json.dumps({"uri": resolved.uri, "version": resolved.version, "jwk": out}, indent=2))
+    return 0
+
+
+def cmd_keys_jwk(args: argparse.Namespace) -> int:
+    settings = load_settings(args.config)
+    names = [args.key] if args.key else list(settings.keys)
+    for name in names:
+        if name not in settings.keys:
+            raise ConfigError(f"no [keys.{name}] in {args.config}")
+    subset = settings.model_copy(update={"keys": {n: settings.keys[n] for n in names}})
+    keys = resolve_keys(subset, build_backends(subset))
+    jwks = [dict(k.jwk, kid=k.kid, alg=k.alg.name, use="sig") for k in keys.values()]
+    print(json.dumps(jwks[0] if args.key else {"keys": jwks}, indent=2))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``helseid-signer`` command."""
+    parser = argparse.ArgumentParser(prog="helseid-signer", description=__doc__.splitlines()[0])
+    parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("serve", help="run the gRPC signing service")
+    p.add_argument("--config", required=True, help="TOML configuration file")
+    p.add_argument("--ready-file", help="write the bound host:port here once serving")
+    p.set_defaults(func=cmd_serve)
+
+    keys = sub.add_parser("keys", help="key lifecycle").add_subparsers(dest="keys_command", required=True)
+    p = keys.add_parser("create", help="create a non-exportable signing key and print its public JWK")
+    p.add_argument("--uri", required=True, help="key reference, e.g. pkcs11:token=helseid-dev;object=my-key")
+    p.add_argument("--spec", required=True, choices=KEY_SPECS)
+    p.add_argument("--alg", help="check the new key fits this JWS alg and add it to the JWK")
+    p.add_argument("--config", help="take backend settings from this TOML file's [backends] section")
+    p.add_argument("--module", help="PKCS#11 module path (without --config)")
+    p.add_argument("--pin-env", help="environment variable holding the PKCS#11 user PIN")
+    p.add_argument("--pin-file", help="file holding the PKCS#11 user PIN")
+    p.set_defaults(func=cmd_keys_create)
+
+    p = keys.add_parser("jwk", help="print the public JWK of a configured key (or the JWKS of all)")
+    p.add_argument("--config", required=True)
+    p.add_argument("--key", help="the [keys.NAME] to print; all keys as a JWKS when omitted")
+    p.set_defaults(func=cmd_keys_jwk)
+
+    args = parser.parse_args(argv)
+    _setup_logging(args.log_level)
+    try:
+        return args.func(args)
+    except (ConfigError, KeyResolutionError, BackendError, ValueError) as exc:
+        print(f"helseid-signer: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

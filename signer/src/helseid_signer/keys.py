@@ -1,0 +1,101 @@
+"""Signing keys as the service uses them: a configured key resolved in its backend,
+checked against its ``alg``, with its public JWK, ``kid`` and JWS headers computed once.
+
+Everything that does not change per request (JWK, RFC 7638 thumbprint, the base64url
+JOSE headers) is computed here at start-up, not on the signing path.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from .algorithms import Algorithm, check_key_fits, get_algorithm
+from .backends.base import KeyBackend, ResolvedKey, backend_class, scheme_of
+from .config import Settings
+from .jwt import json_b64, public_jwk, thumbprint
+
+ASSERTION_TYP = "client-authentication+jwt"
+DPOP_TYP = "dpop+jwt"
+
+
+@dataclass(frozen=True)
+class SigningKey:
+    """One configured key, resolved and ready to sign.
+
+    Attributes:
+        name: the ``[keys.NAME]`` name.
+        alg: its configured JWS algorithm.
+        backend: the backend that holds it.
+        resolved: the pinned key version and public key.
+        jwk: public JWK (required members only).
+        kid: RFC 7638 thumbprint of ``jwk`` (43 characters); also the DPoP ``jkt``.
+        assertion_header: base64url JOSE header of a client assertion
+            ``{"alg", "typ": "client-authentication+jwt", "kid"}``.
+        dpop_header: base64url JOSE header of a DPoP proof ``{"alg", "typ": "dpop+jwt", "jwk"}``.
+    """
+
+    name: str
+    alg: Algorithm
+    backend: KeyBackend = field(repr=False)
+    resolved: ResolvedKey
+    jwk: dict[str, str]
+    kid: str
+    assertion_header: str
+    dpop_header: str
+
+    def sign(self, signing_input: bytes) -> bytes:
+        """Sign with this key's backend and alg; raises backend errors."""
+        return self.backend.sign(self.resolved, self.alg, signing_input)
+
+
+def make_signing_key(name: str, alg_name: str, backend: KeyBackend, resolved: ResolvedKey) -> SigningKey:
+    """Check that the resolved key fits ``alg_name`` and compute its JWK, kid and headers.
+
+    Raises AlgorithmError (a ValueError) if the key does not fit.
+    """
+    alg = get_algorithm(alg_name)
+    check_key_fits(alg, resolved.public_key)
+    jwk = public_jwk(resolved.public_key)
+    kid = thumbprint(jwk)
+    return SigningKey(
+        name=name,
+        alg=alg,
+        backend=backend,
+        resolved=resolved,
+        jwk=jwk,
+        kid=kid,
+        assertion_header=json_b64({"alg": alg.name, "typ": ASSERTION_TYP, "kid": kid}),
+        dpop_header=json_b64({"alg": alg.name, "typ": DPOP_TYP, "jwk": jwk}),
+    )
+
+
+def build_backends(settings: Settings) -> dict[str, KeyBackend]:
+    """One backend object per scheme that the configured keys use."""
+    backends: dict[str, Any] = {}
+    for key in settings.keys.values():
+        scheme = scheme_of(key.uri)
+        if scheme not in backends:
+            options = getattr(settings.backends, scheme)
+            backends[scheme] = backend_class(scheme)(**options.model_dump())
+    return backends
+
+
+def resolve_keys(settings: Settings, backends: dict[str, KeyBackend]) -> dict[str, SigningKey]:
+    """Resolve every ``[keys.*]`` entry in its backend and check it against its ``alg``.
+
+    Raises KeyResolutionError naming the key on any failure.
+    """
+    keys: dict[str, SigningKey] = {}
+    for name, key in settings.keys.items():
+        backend = backends[scheme_of(key.uri)]
+        try:
+            resolved = backend.resolve(key.uri)
+            keys[name] = make_signing_key(name, key.alg, backend, resolved)
+        except Exception as exc:
+            raise KeyResolutionError(f"keys.{name}: {exc}") from exc
+    return keys
+
+
+class KeyResolutionError(Exception):
+    """A configured key could not be resolved or does not fit its ``alg``; names the key."""
