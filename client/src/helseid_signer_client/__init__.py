@@ -1,0 +1,31 @@
+"""helseid-signer-client: get HelseID tokens and call DPoP-protected APIs with keys that
+stay in the helseid-signer service.
+
+Typical use::
+
+    from helseid_signer_client import SignerClient, TokenClient, DPoPAuth
+    signer = SignerClient("127.0.0.1:50051")
+    tokens = TokenClient(signer, profile="deft", scope="nhn:deft/api")
+    with httpx.Client(auth=DPoPAuth(tokens)) as api:
+        api.get("https://deft.example/api/...")
+"""
+
+from .dpop import DPoPAuth
+from .errors import DiscoveryError, HelseIdSignerError, SignerError, TokenError
+from .signer import ClientAssertion, ClientProfile, DpopProof, SignerClient, access_token_sha256
+from .token import AccessToken, TokenClient
+
+__all__ = [
+    "AccessToken",
+    "ClientAssertion",
+    "ClientProfile",
+    "DPoPAuth",
+    "DiscoveryError",
+    "DpopProof",
+    "HelseIdSignerError",
+    "SignerClient",
+    "SignerError",
+    "TokenClient",
+    "TokenError",
+    "access_token_sha256",
+]

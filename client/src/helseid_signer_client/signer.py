@@ -1,0 +1,198 @@
+"""Typed wrappers over the helseid-signer gRPC stubs (``helseid.signer.v1.SignerService``).
+
+The application host never handles a private key: it asks the service for a client
+assertion (RFC 7523) or a DPoP proof (RFC 9449) and gets a compact JWS back.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+
+import grpc
+
+from ._proto import signer_pb2 as pb
+from ._proto import signer_pb2_grpc
+from .errors import SignerError
+
+DEFAULT_TIMEOUT = 5.0  # seconds, per RPC
+
+
+@dataclass(frozen=True)
+class ClientAssertion:
+    """A signed client assertion.
+
+    Attributes:
+        jwt: compact JWS for the ``client_assertion`` form parameter.
+        kid: RFC 7638 thumbprint of the signing key. alg: the JWS alg.
+        jti: the single-use id. issued_at / expires_at: seconds since the epoch.
+    """
+
+    jwt: str
+    kid: str
+    alg: str
+    jti: str
+    issued_at: int
+    expires_at: int
+
+
+@dataclass(frozen=True)
+class DpopProof:
+    """A signed DPoP proof for one HTTP request.
+
+    Attributes:
+        jwt: compact JWS for the ``DPoP`` header. jkt: RFC 7638 thumbprint of the DPoP key.
+        alg, jti, issued_at (seconds since the epoch), htu (as signed, canonical).
+    """
+
+    jwt: str
+    jkt: str
+    alg: str
+    jti: str
+    issued_at: int
+    htu: str
+
+
+@dataclass(frozen=True)
+class ClientProfile:
+    """What the service says about a profile (see GetClientProfileResponse in the proto)."""
+
+    client_id: str
+    issuer: str
+    token_endpoint: str
+    assertion_alg: str
+    assertion_kid: str
+    dpop_alg: str
+    dpop_jkt: str
+    assertion_lifetime_seconds: int
+
+
+def access_token_sha256(access_token: str) -> bytes:
+    """SHA-256 of the ASCII access token: what the service encodes as ``ath`` (RFC 9449 4.2).
+
+    Raises UnicodeEncodeError for a non-ASCII token (access tokens are ASCII, RFC 6750 2.1).
+    """
+    return hashlib.sha256(access_token.encode("ascii")).digest()
+
+
+def _assertion(r: pb.SignClientAssertionResponse) -> ClientAssertion:
+    return ClientAssertion(r.jwt, r.kid, r.alg, r.jti, r.issued_at, r.expires_at)
+
+
+def _proof(r: pb.SignDpopProofResponse) -> DpopProof:
+    return DpopProof(r.jwt, r.jkt, r.alg, r.jti, r.issued_at, r.htu)
+
+
+def _profile(r: pb.GetClientProfileResponse) -> ClientProfile:
+    return ClientProfile(
+        r.client_id,
+        r.issuer,
+        r.token_endpoint,
+        r.assertion_alg,
+        r.assertion_kid,
+        r.dpop_alg,
+        r.dpop_jkt,
+        r.assertion_lifetime_seconds,
+    )
+
+
+def _assertion_request(profile: str, child: str | None, parent: str | None) -> pb.SignClientAssertionRequest:
+    return pb.SignClientAssertionRequest(
+        profile=profile, child_organization_number=child or "", parent_organization_number=parent or ""
+    )
+
+
+def _proof_request(
+    profile: str, htm: str, htu: str, nonce: str | None, access_token: str | None
+) -> pb.SignDpopProofRequest:
+    return pb.SignDpopProofRequest(
+        profile=profile,
+        htm=htm,
+        htu=htu,
+        nonce=nonce or "",
+        access_token_sha256=access_token_sha256(access_token) if access_token else b"",
+    )
+
+
+class SignerClient:
+    """Synchronous client of the signer service.
+
+    Args:
+        target: gRPC target, e.g. ``"127.0.0.1:50051"``, ``"unix:/run/helseid-signer/app.sock"``
+            or ``"dns:///signer.ns.svc:50051"``. Ignored when ``channel`` is given.
+        credentials: channel credentials (mTLS: ``grpc.ssl_channel_credentials(root, key, chain)``);
+            None means a plaintext channel (development and Unix sockets only).
+        channel: an existing channel to use instead.
+        timeout: deadline of each RPC, in seconds.
+
+    Every method raises :class:`SignerError` (with the gRPC status code) on failure.
+    """
+
+    def __init__(
+        self,
+        target: str | None = None,
+        *,
+        credentials: grpc.ChannelCredentials | None = None,
+        channel: grpc.Channel | None = None,
+        timeout: float = DEFAULT_TIMEOUT,
+    ) -> None:
+        if channel is None:
+            if target is None:
+                raise ValueError("give a target or a channel")
+            channel = grpc.secure_channel(target, credentials) if credentials else grpc.insecure_channel(target)
+        self._channel = channel
+        self._stub = signer_pb2_grpc.SignerServiceStub(channel)
+        self.timeout = timeout
+
+    def sign_client_assertion(
+        self,
+        profile: str,
+        *,
+        child_organization_number: str | None = None,
+        parent_organization_number: str | None = None,
+    ) -> ClientAssertion:
+        """A fresh client assertion for ``profile`` (single use: never reuse it)."""
+        request = _assertion_request(profile, child_organization_number, parent_organization_number)
+        try:
+            return _assertion(self._stub.SignClientAssertion(request, timeout=self.timeout))
+        except grpc.RpcError as exc:
+            raise SignerError.from_rpc_error(exc) from None
+
+    def sign_dpop_proof(
+        self,
+        profile: str,
+        htm: str,
+        htu: str,
+        *,
+        nonce: str | None = None,
+        access_token: str | None = None,
+    ) -> DpopProof:
+        """A fresh DPoP proof for one request (``htm`` upper case, ``htu`` the request URL).
+
+        ``access_token``: the token the request will carry; only its SHA-256 is sent, and
+        the service puts it in ``ath``. Leave it None for the token endpoint.
+        """
+        request = _proof_request(profile, htm, htu, nonce, access_token)
+        try:
+            return _proof(self._stub.SignDpopProof(request, timeout=self.timeout))
+        except grpc.RpcError as exc:
+            raise SignerError.from_rpc_error(exc) from None
+
+    def get_client_profile(self, profile: str) -> ClientProfile:
+        """Client id, issuer, token endpoint, algorithms and DPoP ``jkt`` of ``profile``."""
+        try:
+            return _profile(
+                self._stub.GetClientProfile(pb.GetClientProfileRequest(profile=profile), timeout=self.timeout)
+            )
+        except grpc.RpcError as exc:
+            raise SignerError.from_rpc_error(exc) from None
+
+    def close(self) -> None:
+        """Close the channel."""
+        self._channel.close()
+
+    def __enter__(self) -> SignerClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

@@ -1,0 +1,255 @@
+"""The HelseID token flow: client credentials with ``private_key_jwt`` and DPoP.
+
+Sources: RFC 6749 section 4.4 (client credentials), RFC 7523 section 2.2 (client
+assertion), RFC 9449 sections 5 and 8 (DPoP at the token endpoint, server nonces),
+RFC 8414 section 3.3 (the discovery ``issuer`` must equal the issuer), HelseID's
+machine-client profile (``../docs/helseid-profile.md`` of the project).
+
+Flow (:meth:`TokenClient.get_token`):
+
+1. discovery: ``{issuer}/.well-known/openid-configuration``; its ``issuer`` and
+   ``token_endpoint`` must equal what the signer's profile says (else DiscoveryError);
+2. POST to the token endpoint with a fresh client assertion and a fresh DPoP proof
+   (carrying the last ``DPoP-Nonce`` the server sent, if any);
+3. on HTTP 400 ``use_dpop_nonce`` with a ``DPoP-Nonce`` header: exactly one retry with a
+   NEW assertion (the first spent its ``jti``) and a NEW proof carrying the nonce; a
+   second ``use_dpop_nonce`` is an error, never a loop;
+4. refuse a ``token_type`` other than ``DPoP``; cache the token until ``refresh_margin``
+   seconds before it expires. The cached token remembers the ``jkt`` of the DPoP key it is
+   bound to; :class:`~helseid_signer_client.dpop.DPoPAuth` fetches a new token when the
+   signer's DPoP key changes.
+
+The cache key is the TokenClient itself: one instance per (profile, scope, organisation
+numbers); its token is bound to one ``jkt``.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import httpx
+
+from .errors import DiscoveryError, TokenError
+from .signer import ClientProfile, SignerClient
+
+CLIENT_ASSERTION_TYPE = "urn:ietf:params:oauth:client-assertion-type:jwt-bearer"
+DEFAULT_REFRESH_MARGIN = 30.0  # seconds before expiry that a cached token is replaced
+DEFAULT_HTTP_TIMEOUT = 10.0  # seconds
+
+
+@dataclass(frozen=True)
+class AccessToken:
+    """A DPoP-bound access token.
+
+    Attributes:
+        access_token: the token (never logged; hidden from ``repr``).
+        token_type: ``"DPoP"``.
+        expires_at: seconds since the epoch when it expires (issue time + ``expires_in``).
+        scope: the granted scope, if the server said.
+        jkt: RFC 7638 thumbprint of the DPoP key the token is bound to (``cnf.jkt``).
+        rejected_scope: HelseID's ``rejected_scope``, if present.
+    """
+
+    access_token: str = field(repr=False)
+    token_type: str
+    expires_at: float
+    scope: str | None
+    jkt: str
+    rejected_scope: str | None = None
+
+    def usable(self, now: float, margin: float) -> bool:
+        """True while ``now`` is more than ``margin`` seconds before ``expires_at``."""
+        return now < self.expires_at - margin
+
+
+def token_form(client_id: str, scope: str, client_assertion: str) -> dict[str, str]:
+    """The form of a client-credentials token request with a client assertion."""
+    return {
+        "grant_type": "client_credentials",
+        "client_id": client_id,
+        "scope": scope,
+        "client_assertion_type": CLIENT_ASSERTION_TYPE,
+        "client_assertion": client_assertion,
+    }
+
+
+def _json(response: httpx.Response) -> dict[str, Any]:
+    try:
+        body = response.json()
+    except ValueError:
+        body = None
+    return body if isinstance(body, dict) else {}
+
+
+def nonce_challenge(response: httpx.Response) -> str | None:
+    """The ``DPoP-Nonce`` of a token-endpoint ``use_dpop_nonce`` answer (HTTP 400), else None."""
+    if response.status_code == 400 and _json(response).get("error") == "use_dpop_nonce":
+        return response.headers.get("DPoP-Nonce")
+    return None
+
+
+def parse_token_response(response: httpx.Response, jkt: str, now: float) -> AccessToken:
+    """Turn a token-endpoint response into an :class:`AccessToken` or raise :class:`TokenError`.
+
+    Refuses a ``token_type`` other than DPoP (compared case-insensitively, RFC 6749
+    section 5.1), a missing or non-ASCII ``access_token`` and a non-positive ``expires_in``.
+    """
+    body = _json(response)
+    if response.status_code != 200:
+        raise TokenError(
+            str(body.get("error") or "invalid_response"),
+            body.get("error_description"),
+            status_code=response.status_code,
+            rejected_scope=body.get("rejected_scope"),
+        )
+    token_type = body.get("token_type")
+    if not isinstance(token_type, str) or token_type.lower() != "dpop":
+        raise TokenError(
+            "invalid_token_type",
+            f"expected token_type DPoP for a DPoP-bound request, got {token_type!r}",
+            status_code=200,
+        )
+    access_token = body.get("access_token")
+    if not isinstance(access_token, str) or not access_token or not access_token.isascii():
+        raise TokenError("invalid_response", "access_token missing or not ASCII", status_code=200)
+    expires_in = body.get("expires_in")
+    if not isinstance(expires_in, int) or isinstance(expires_in, bool) or expires_in <= 0:
+        raise TokenError("invalid_response", f"expires_in must be a positive integer, got {expires_in!r}")
+    return AccessToken(
+        access_token=access_token,
+        token_type="DPoP",
+        expires_at=now + expires_in,
+        scope=body.get("scope"),
+        jkt=jkt,
+        rejected_scope=body.get("rejected_scope"),
+    )
+
+
+def check_discovery(document: Mapping[str, Any], profile: ClientProfile) -> None:
+    """The discovery document must name the profile's issuer and token endpoint exactly."""
+    if document.get("issuer") != profile.issuer:
+        raise DiscoveryError(
+            f"discovery issuer {document.get('issuer')!r} differs from the profile's issuer {profile.issuer!r}"
+        )
+    if document.get("token_endpoint") != profile.token_endpoint:
+        raise DiscoveryError(
+            f"discovery token_endpoint {document.get('token_endpoint')!r} differs from the signer's "
+            f"{profile.token_endpoint!r}; fix token_endpoint in the signer's profile"
+        )
+
+
+def discovery_url(issuer: str) -> str:
+    """``{issuer}/.well-known/openid-configuration`` (OpenID Connect Discovery 1.0 section 4)."""
+    return issuer.rstrip("/") + "/.well-known/openid-configuration"
+
+
+class TokenClient:
+    """Gets and caches DPoP-bound access tokens from HelseID for one profile and scope.
+
+    Args:
+        signer: the signer service client.
+        profile: the signer profile name.
+        scope: space-separated scopes, e.g. ``"nhn:deft/api"``.
+        http: an ``httpx.Client`` for the token endpoint (one is made if None; it is then
+            closed by :meth:`close`).
+        child_organization_number / parent_organization_number: for ``assertion_details``.
+        refresh_margin: seconds before expiry that a cached token is replaced.
+        clock: current time in seconds since the epoch.
+
+    Thread-safe: concurrent callers share one refresh.
+    """
+
+    def __init__(
+        self,
+        signer: SignerClient,
+        profile: str,
+        scope: str,
+        *,
+        http: httpx.Client | None = None,
+        child_organization_number: str | None = None,
+        parent_organization_number: str | None = None,
+        refresh_margin: float = DEFAULT_REFRESH_MARGIN,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.signer = signer
+        self.profile = profile
+        self.scope = scope
+        self._own_http = http is None
+        self._http = http or httpx.Client(timeout=DEFAULT_HTTP_TIMEOUT)
+        self._child = child_organization_number
+        self._parent = parent_organization_number
+        self._refresh_margin = refresh_margin
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._token: AccessToken | None = None
+        self._profile_info: ClientProfile | None = None
+        self._nonce: str | None = None
+
+    @property
+    def profile_info(self) -> ClientProfile:
+        """The signer's description of the profile, fetched once and checked against discovery."""
+        if self._profile_info is None:
+            info = self.signer.get_client_profile(self.profile)
+            try:
+                response = self._http.get(discovery_url(info.issuer))
+                response.raise_for_status()
+                document = response.json()
+            except (httpx.HTTPError, ValueError) as exc:
+                raise DiscoveryError(f"discovery at {discovery_url(info.issuer)} failed: {exc}") from exc
+            check_discovery(document, info)
+            self._profile_info = info
+        return self._profile_info
+
+    def invalidate(self, token: AccessToken | None = None) -> None:
+        """Drop the cached token (only if it is still ``token``, when given)."""
+        with self._lock:
+            if token is None or self._token is token:
+                self._token = None
+
+    def get_token(self) -> AccessToken:
+        """A cached token, or a new one from the token endpoint. Raises TokenError,
+        DiscoveryError, SignerError."""
+        token = self._token
+        if token is not None and token.usable(self._clock(), self._refresh_margin):
+            return token
+        with self._lock:
+            token = self._token
+            if token is None or not token.usable(self._clock(), self._refresh_margin):
+                token = self._token = self._request_token()
+            return token
+
+    def _post(self, info: ClientProfile) -> tuple[httpx.Response, str]:
+        assertion = self.signer.sign_client_assertion(
+            self.profile, child_organization_number=self._child, parent_organization_number=self._parent
+        )
+        proof = self.signer.sign_dpop_proof(self.profile, "POST", info.token_endpoint, nonce=self._nonce)
+        response = self._http.post(
+            info.token_endpoint,
+            data=token_form(info.client_id, self.scope, assertion.jwt),
+            headers={"DPoP": proof.jwt},
+        )
+        if "DPoP-Nonce" in response.headers:
+            self._nonce = response.headers["DPoP-Nonce"]
+        return response, proof.jkt
+
+    def _request_token(self) -> AccessToken:
+        info = self.profile_info
+        response, jkt = self._post(info)
+        if nonce_challenge(response):
+            response, jkt = self._post(info)  # new assertion AND new proof, once
+        return parse_token_response(response, jkt, self._clock())
+
+    def close(self) -> None:
+        """Close the HTTP client if this object made it."""
+        if self._own_http:
+            self._http.close()
+
+    def __enter__(self) -> TokenClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

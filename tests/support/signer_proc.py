@@ -1,0 +1,60 @@
+"""Run the real ``helseid-signer serve`` as a subprocess for end-to-end tests."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+
+class SignerStartError(RuntimeError):
+    """The signer process exited or did not report ready in time."""
+
+
+@contextlib.contextmanager
+def running_signer(config: Path, env: dict[str, str] | None = None, timeout: float = 30.0) -> Iterator[str]:
+    """Start ``helseid-signer serve --config config`` and yield its bound ``host:port``.
+
+    ``env`` is added to the current environment (e.g. SOFTHSM2_CONF). The process gets
+    SIGTERM on exit; its stderr (JSON log lines) is kept at ``<config>.log``.
+    """
+    with tempfile.TemporaryDirectory() as tmp:
+        ready = Path(tmp) / "ready"
+        log_path = Path(str(config) + ".log")
+        with open(log_path, "ab") as log:
+            proc = subprocess.Popen(
+                [
+                    sys.executable,
+                    "-m",
+                    "helseid_signer.cli",
+                    "serve",
+                    "--config",
+                    str(config),
+                    "--ready-file",
+                    str(ready),
+                ],
+                env={**os.environ, **(env or {})},
+                stdout=log,
+                stderr=log,
+            )
+            try:
+                deadline = time.monotonic() + timeout
+                while not ready.exists():
+                    if proc.poll() is not None:
+                        raise SignerStartError(f"signer exited with {proc.returncode}: {log_path.read_text()[-2000:]}")
+                    if time.monotonic() > deadline:
+                        raise SignerStartError(f"signer not ready after {timeout} s: {log_path.read_text()[-2000:]}")
+                    time.sleep(0.05)
+                yield ready.read_text()
+            finally:
+                proc.terminate()
+                try:
+                    proc.wait(timeout=10)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    proc.wait()
