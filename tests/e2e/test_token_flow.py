@@ -8,9 +8,6 @@ oidc-provider decides whether a token request is acceptable.
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
-from pathlib import Path
 
 import httpx
 import pytest
@@ -19,63 +16,11 @@ from jwcrypto import jwk, jws, jwt
 from helseid_signer_client import SignerClient, TokenClient, TokenError
 from tests.support.authserver import running_authserver
 from tests.support.signer_proc import running_signer
+from tests.support.signerkit import keys_create, write_config
 from tests.support.softhsm import create_token
 
 SCOPE = "nhn:deft/api"
 CLIENT_ID = "e2e-client"
-
-
-def _keys_create(token, name: str, spec: str, alg: str) -> dict:
-    out = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "helseid_signer.cli",
-            "keys",
-            "create",
-            "--uri",
-            token.uri(name),
-            "--spec",
-            spec,
-            "--alg",
-            alg,
-            "--module",
-            token.module,
-            "--pin-file",
-            str(token.pin_file),
-        ],
-        env=token.env(),
-        capture_output=True,
-        text=True,
-        check=True,
-    )
-    return json.loads(out.stdout)["jwk"]
-
-
-def _config(path: Path, token, issuer: str, profiles: dict[str, tuple[str, str]], keys: dict[str, str]) -> Path:
-    lines = [
-        "[server]",
-        'listen = "127.0.0.1:0"',
-        "insecure = true",
-        "",
-        "[backends.pkcs11]",
-        f'module = "{token.module}"',
-        f'pin_file = "{token.pin_file}"',
-        "",
-    ]
-    for name, alg in keys.items():
-        lines += [f"[keys.{name}]", f'uri = "{token.uri(name)}"', f'alg = "{alg}"', ""]
-    for name, (assertion_key, dpop_key) in profiles.items():
-        lines += [
-            f"[profiles.{name}]",
-            f'client_id = "{CLIENT_ID}"',
-            f'issuer = "{issuer}"',
-            f'assertion_key = "{assertion_key}"',
-            f'dpop_key = "{dpop_key}"',
-            "",
-        ]
-    path.write_text("\n".join(lines))
-    return path
 
 
 @pytest.fixture(scope="module")
@@ -84,15 +29,16 @@ def world(tmp_path_factory):
     folder = tmp_path_factory.mktemp("e2e")
     token = create_token(folder / "token", label="e2e")
     keys = {"assertion": ("RSA-2048", "PS256"), "dpop": ("EC-P256", "ES256"), "stranger": ("EC-P256", "ES256")}
-    jwks = {name: _keys_create(token, name, spec, alg) for name, (spec, alg) in keys.items()}
+    jwks = {name: keys_create(token, name, spec, alg) for name, (spec, alg) in keys.items()}
     client = {"client_id": CLIENT_ID, "jwks": {"keys": [jwks["assertion"]]}, "scope": SCOPE}
     with running_authserver([client]) as auth:
-        config = _config(
+        config = write_config(
             folder / "signer.toml",
             token,
-            auth.issuer,
-            profiles={"app": ("assertion", "dpop"), "unregistered": ("stranger", "dpop")},
+            issuer=auth.issuer,
+            client_id=CLIENT_ID,
             keys={name: alg for name, (_, alg) in keys.items()},
+            profiles={"app": ("assertion", "dpop"), "unregistered": ("stranger", "dpop")},
         )
         with running_signer(config, env={"SOFTHSM2_CONF": str(token.conf)}) as address:
             with SignerClient(address) as signer:

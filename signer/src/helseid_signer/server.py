@@ -16,11 +16,12 @@ from pathlib import Path
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from helseid_signer_client._proto import signer_pb2, signer_pb2_grpc
+
+from helseid_signer_client._proto import signer_pb2
 
 from .config import Settings, parse_listen
 from .keys import build_backends, resolve_keys
-from .service import Profile, SignerServicer
+from .service import Profile, SignerServicer, add_to_server
 
 log = logging.getLogger("helseid_signer.server")
 SERVICE_NAME = signer_pb2.DESCRIPTOR.services_by_name["SignerService"].full_name
@@ -58,7 +59,7 @@ async def serve(settings: Settings, ready_file: str | None = None, stop: asyncio
             ("grpc.so_reuseport", 1),
         ],
     )
-    signer_pb2_grpc.add_SignerServiceServicer_to_server(SignerServicer(profiles, executor), server)
+    add_to_server(SignerServicer(profiles, executor), server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     if settings.server.reflection:

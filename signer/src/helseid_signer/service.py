@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import grpc
+
 from helseid_signer_client._proto import signer_pb2 as pb
 from helseid_signer_client._proto import signer_pb2_grpc
 
@@ -38,6 +39,42 @@ from .keys import SigningKey
 
 log = logging.getLogger("helseid_signer.service")
 T = TypeVar("T")
+SERVICE = pb.DESCRIPTOR.services_by_name["SignerService"]
+
+
+@dataclass(frozen=True)
+class MalformedRequest:
+    """Stands in for a request whose bytes did not parse (e.g. a string field that is not
+    UTF-8). grpcio would answer UNKNOWN with the parser's exception text; the servicer
+    answers INVALID_ARGUMENT naming the message type instead."""
+
+    message_type: str
+
+
+def _safe_deserializer(message_class: Any) -> Callable[[bytes], Any]:
+    name = message_class.DESCRIPTOR.name
+
+    def deserialize(raw: bytes) -> Any:
+        try:
+            return message_class.FromString(raw)
+        except Exception:  # protobuf's DecodeError, or anything else a hostile input triggers
+            return MalformedRequest(name)
+
+    return deserialize
+
+
+def add_to_server(servicer: SignerServicer, server: grpc.aio.Server) -> None:
+    """Register ``servicer`` for every RPC of ``helseid.signer.v1.SignerService``, with
+    request parsing that cannot fail with UNKNOWN (see :class:`MalformedRequest`)."""
+    handlers = {
+        method.name: grpc.unary_unary_rpc_method_handler(
+            getattr(servicer, method.name),
+            request_deserializer=_safe_deserializer(getattr(pb, method.input_type.name)),
+            response_serializer=getattr(pb, method.output_type.name).SerializeToString,
+        )
+        for method in SERVICE.methods
+    }
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE.full_name, handlers),))
 
 
 @dataclass(frozen=True)
@@ -83,9 +120,13 @@ class SignerServicer(signer_pb2_grpc.SignerServiceServicer):
         signature = await loop.run_in_executor(self._executor, key.sign, data)
         return compact(data, signature)
 
-    async def _call(self, context: grpc.aio.ServicerContext, method: str, work: Awaitable[T]) -> T:
+    async def _call(
+        self, context: grpc.aio.ServicerContext, method: str, request: Any, work: Callable[[Any], Awaitable[T]]
+    ) -> T:
         try:
-            return await work
+            if isinstance(request, MalformedRequest):
+                raise RequestError("request", f"is not a valid {request.message_type} (string fields must be UTF-8)")
+            return await work(request)
         except RequestError as exc:
             await context.abort(grpc.StatusCode[exc.code], str(exc))
         except BackendError as exc:
@@ -100,7 +141,7 @@ class SignerServicer(signer_pb2_grpc.SignerServiceServicer):
         self, request: pb.SignClientAssertionRequest, context: Any
     ) -> pb.SignClientAssertionResponse:
         """Build and sign a client assertion (RFC 7523 section 3, HelseID profile)."""
-        return await self._call(context, "SignClientAssertion", self._sign_client_assertion(request))
+        return await self._call(context, "SignClientAssertion", request, self._sign_client_assertion)
 
     async def _sign_client_assertion(self, request: pb.SignClientAssertionRequest) -> pb.SignClientAssertionResponse:
         profile = self._profile(request.profile)
@@ -132,7 +173,7 @@ class SignerServicer(signer_pb2_grpc.SignerServiceServicer):
 
     async def SignDpopProof(self, request: pb.SignDpopProofRequest, context: Any) -> pb.SignDpopProofResponse:
         """Build and sign a DPoP proof (RFC 9449 section 4.2)."""
-        return await self._call(context, "SignDpopProof", self._sign_dpop_proof(request))
+        return await self._call(context, "SignDpopProof", request, self._sign_dpop_proof)
 
     async def _sign_dpop_proof(self, request: pb.SignDpopProofRequest) -> pb.SignDpopProofResponse:
         profile = self._profile(request.profile)
@@ -154,7 +195,7 @@ class SignerServicer(signer_pb2_grpc.SignerServiceServicer):
     async def GetClientProfile(self, request: pb.GetClientProfileRequest, context: Any) -> pb.GetClientProfileResponse:
         """What a client library needs to run the token flow for a profile."""
 
-        async def work() -> pb.GetClientProfileResponse:
+        async def work(request: pb.GetClientProfileRequest) -> pb.GetClientProfileResponse:
             p = self._profile(request.profile)
             return pb.GetClientProfileResponse(
                 client_id=p.settings.client_id,
@@ -167,4 +208,4 @@ class SignerServicer(signer_pb2_grpc.SignerServiceServicer):
                 assertion_lifetime_seconds=p.settings.assertion_lifetime,
             )
 
-        return await self._call(context, "GetClientProfile", work())
+        return await self._call(context, "GetClientProfile", request, work)
