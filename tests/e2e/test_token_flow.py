@@ -7,13 +7,22 @@ oidc-provider decides whether a token request is acceptable.
 
 from __future__ import annotations
 
+import asyncio
 import json
 
 import httpx
 import pytest
 from jwcrypto import jwk, jws, jwt
 
-from helseid_signer_client import SignerClient, TokenClient, TokenError
+from demo.deft_api import DeftApi
+from helseid_signer_client import (
+    AsyncSignerClient,
+    AsyncTokenClient,
+    DPoPAuth,
+    SignerClient,
+    TokenClient,
+    TokenError,
+)
 from tests.support.authserver import running_authserver
 from tests.support.signer_proc import running_signer
 from tests.support.signerkit import keys_create, write_config
@@ -28,7 +37,12 @@ def world(tmp_path_factory):
     """SoftHSM keys, the authorization server (knowing only the registered key), the signer."""
     folder = tmp_path_factory.mktemp("e2e")
     token = create_token(folder / "token", label="e2e")
-    keys = {"assertion": ("RSA-2048", "PS256"), "dpop": ("EC-P256", "ES256"), "stranger": ("EC-P256", "ES256")}
+    keys = {
+        "assertion": ("RSA-2048", "PS256"),
+        "dpop": ("EC-P256", "ES256"),
+        "stranger": ("EC-P256", "ES256"),
+        "dpop-next": ("EC-P384", "ES384"),
+    }
     jwks = {name: keys_create(token, name, spec, alg) for name, (spec, alg) in keys.items()}
     client = {"client_id": CLIENT_ID, "jwks": {"keys": [jwks["assertion"]]}, "scope": SCOPE}
     with running_authserver([client]) as auth:
@@ -40,9 +54,25 @@ def world(tmp_path_factory):
             keys={name: alg for name, (_, alg) in keys.items()},
             profiles={"app": ("assertion", "dpop"), "unregistered": ("stranger", "dpop")},
         )
-        with running_signer(config, env={"SOFTHSM2_CONF": str(token.conf)}) as address:
+        rotated = write_config(
+            folder / "signer-rotated.toml",
+            token,
+            issuer=auth.issuer,
+            client_id=CLIENT_ID,
+            keys={"assertion": "PS256", "dpop-next": "ES384"},
+            profiles={"app": ("assertion", "dpop-next")},
+        )
+        env = {"SOFTHSM2_CONF": str(token.conf)}
+        with running_signer(config, env=env) as address, running_signer(rotated, env=env) as rotated_address:
             with SignerClient(address) as signer:
-                yield {"auth": auth, "signer": signer, "jwks": jwks, "token": token}
+                yield {
+                    "auth": auth,
+                    "signer": signer,
+                    "address": address,
+                    "rotated_address": rotated_address,
+                    "jwks": jwks,
+                    "token": token,
+                }
 
 
 def _record_token_requests(world) -> tuple[httpx.Client, list[httpx.Request]]:
@@ -129,3 +159,71 @@ def test_unknown_scope_error_carries_helseid_fields(world):
         with pytest.raises(TokenError) as caught:
             tokens.get_token()
     assert caught.value.error == "invalid_scope" and caught.value.status_code == 400
+
+
+@pytest.mark.parametrize("require_nonce", [False, True], ids=["no-nonce", "api-nonce"])
+def test_dpop_auth_calls_protected_api(world, require_nonce):
+    seen: list[tuple[str, str, str]] = []  # (path, Authorization, DPoP) as sent: auth flows reuse the object
+
+    def record(r: httpx.Request) -> None:
+        seen.append((r.url.path, r.headers.get("Authorization", ""), r.headers.get("DPoP", "")))
+
+    with DeftApi(world["auth"].issuer, require_nonce=require_nonce) as api:
+        with TokenClient(world["signer"], "app", SCOPE) as tokens:
+            hooks = {"request": [record]}
+            with httpx.Client(auth=DPoPAuth(tokens), event_hooks=hooks, base_url=api.base_url) as client:
+                first = client.get("/api/whoami")
+                upload = client.post("/api/files?SenderHerId=8142987&ReceiverHerIds=8142988#x", content=b"x" * 1000)
+                again = client.get("/api/whoami?page=2")
+    assert first.status_code == 200, first.text
+    assert first.json() == {"client_id": CLIENT_ID, "scope": SCOPE, "htu": api.base_url + "/api/whoami"}
+    assert upload.status_code == 200 and upload.json()["received_bytes"] == 1000
+    assert upload.json()["sender"] == ["8142987"]
+    assert again.status_code == 200
+    # One nonce challenge at most (the first call), then the remembered nonce is reused.
+    assert api.state.accepted == 3
+    api_calls = [r for r in seen if r[0].startswith("/api/")]
+    assert len(api_calls) == (4 if require_nonce else 3)
+    proofs = [dpop for _, _, dpop in api_calls]
+    assert len(set(proofs)) == len(proofs), "a new proof for every request and retry"
+    assert all(authz.startswith("DPoP ") for _, authz, _ in api_calls)
+
+
+def test_dpop_auth_async_with_concurrent_requests_shares_one_token(world):
+    async def run() -> tuple[list[int], int, int]:
+        posts: list[httpx.Request] = []
+
+        async def record(request: httpx.Request) -> None:
+            if request.method == "POST":
+                posts.append(request)
+
+        async with AsyncSignerClient(world["address"]) as signer:
+            http = httpx.AsyncClient(event_hooks={"request": [record]})
+            async with AsyncTokenClient(signer, "app", SCOPE, http=http) as tokens:
+                with DeftApi(world["auth"].issuer) as api:
+                    async with httpx.AsyncClient(auth=DPoPAuth(tokens), base_url=api.base_url) as client:
+                        answers = await asyncio.gather(*(client.get("/api/whoami") for _ in range(20)))
+                        accepted = api.state.accepted
+            await http.aclose()
+        return [a.status_code for a in answers], len(posts), accepted
+
+    statuses, token_posts, accepted = asyncio.run(run())
+    assert statuses == [200] * 20 and accepted == 20
+    assert token_posts == 2, "one token request (plus its nonce retry) for 20 concurrent calls"
+
+
+def test_rotated_dpop_key_makes_the_client_fetch_a_new_token(world):
+    with DeftApi(world["auth"].issuer) as api:
+        with TokenClient(world["signer"], "app", SCOPE) as tokens:
+            auth = DPoPAuth(tokens)
+            with httpx.Client(auth=auth, base_url=api.base_url) as client:
+                assert client.get("/api/whoami").status_code == 200
+                old = tokens.get_token()
+                # The signer restarts with a new DPoP key for the same profile.
+                with SignerClient(world["rotated_address"]) as rotated:
+                    tokens.signer = rotated
+                    answer = client.get("/api/whoami")
+                    new = tokens.get_token()
+    assert answer.status_code == 200, answer.text
+    assert old.jkt == jwk.JWK(**world["jwks"]["dpop"]).thumbprint()
+    assert new.jkt == jwk.JWK(**world["jwks"]["dpop-next"]).thumbprint() != old.jkt

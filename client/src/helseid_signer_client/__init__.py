@@ -12,11 +12,20 @@ Typical use::
 
 from .dpop import DPoPAuth
 from .errors import DiscoveryError, HelseIdSignerError, SignerError, TokenError
-from .signer import ClientAssertion, ClientProfile, DpopProof, SignerClient, access_token_sha256
-from .token import AccessToken, TokenClient
+from .signer import (
+    AsyncSignerClient,
+    ClientAssertion,
+    ClientProfile,
+    DpopProof,
+    SignerClient,
+    access_token_sha256,
+)
+from .token import AccessToken, AsyncTokenClient, TokenClient
 
 __all__ = [
     "AccessToken",
+    "AsyncSignerClient",
+    "AsyncTokenClient",
     "ClientAssertion",
     "ClientProfile",
     "DPoPAuth",

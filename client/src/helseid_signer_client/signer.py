@@ -196,3 +196,72 @@ class SignerClient:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+class AsyncSignerClient:
+    """asyncio client of the signer service (``grpc.aio``); same arguments and errors as
+    :class:`SignerClient`, methods are coroutines. Create it inside the running event loop."""
+
+    def __init__(
+        self,
+        target: str | None = None,
+        *,
+        credentials: grpc.ChannelCredentials | None = None,
+        channel: grpc.aio.Channel | None = None,
+        timeout: float = DEFAULT_TIMEOUT,
+    ) -> None:
+        if channel is None:
+            if target is None:
+                raise ValueError("give a target or a channel")
+            channel = grpc.aio.secure_channel(target, credentials) if credentials else grpc.aio.insecure_channel(target)
+        self._channel = channel
+        self._stub = signer_pb2_grpc.SignerServiceStub(channel)
+        self.timeout = timeout
+
+    async def sign_client_assertion(
+        self,
+        profile: str,
+        *,
+        child_organization_number: str | None = None,
+        parent_organization_number: str | None = None,
+    ) -> ClientAssertion:
+        """See :meth:`SignerClient.sign_client_assertion`."""
+        request = _assertion_request(profile, child_organization_number, parent_organization_number)
+        try:
+            return _assertion(await self._stub.SignClientAssertion(request, timeout=self.timeout))
+        except grpc.RpcError as exc:
+            raise SignerError.from_rpc_error(exc) from None
+
+    async def sign_dpop_proof(
+        self,
+        profile: str,
+        htm: str,
+        htu: str,
+        *,
+        nonce: str | None = None,
+        access_token: str | None = None,
+    ) -> DpopProof:
+        """See :meth:`SignerClient.sign_dpop_proof`."""
+        request = _proof_request(profile, htm, htu, nonce, access_token)
+        try:
+            return _proof(await self._stub.SignDpopProof(request, timeout=self.timeout))
+        except grpc.RpcError as exc:
+            raise SignerError.from_rpc_error(exc) from None
+
+    async def get_client_profile(self, profile: str) -> ClientProfile:
+        """See :meth:`SignerClient.get_client_profile`."""
+        request = pb.GetClientProfileRequest(profile=profile)
+        try:
+            return _profile(await self._stub.GetClientProfile(request, timeout=self.timeout))
+        except grpc.RpcError as exc:
+            raise SignerError.from_rpc_error(exc) from None
+
+    async def close(self) -> None:
+        """Close the channel."""
+        await self._channel.close()
+
+    async def __aenter__(self) -> AsyncSignerClient:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()

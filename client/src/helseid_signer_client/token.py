@@ -25,6 +25,7 @@ numbers); its token is bound to one ``jkt``.
 
 from __future__ import annotations
 
+import asyncio
 import threading
 import time
 from collections.abc import Callable, Mapping
@@ -34,7 +35,7 @@ from typing import Any
 import httpx
 
 from .errors import DiscoveryError, TokenError
-from .signer import ClientProfile, SignerClient
+from .signer import AsyncSignerClient, ClientProfile, SignerClient
 
 CLIENT_ASSERTION_TYPE = "urn:ietf:params:oauth:client-assertion-type:jwt-bearer"
 DEFAULT_REFRESH_MARGIN = 30.0  # seconds before expiry that a cached token is replaced
@@ -253,3 +254,97 @@ class TokenClient:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+class AsyncTokenClient:
+    """asyncio version of :class:`TokenClient` (same arguments; ``http`` is an
+    ``httpx.AsyncClient``; ``signer`` an :class:`AsyncSignerClient`). Concurrent callers
+    share one refresh (an ``asyncio.Lock``)."""
+
+    def __init__(
+        self,
+        signer: AsyncSignerClient,
+        profile: str,
+        scope: str,
+        *,
+        http: httpx.AsyncClient | None = None,
+        child_organization_number: str | None = None,
+        parent_organization_number: str | None = None,
+        refresh_margin: float = DEFAULT_REFRESH_MARGIN,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.signer = signer
+        self.profile = profile
+        self.scope = scope
+        self._own_http = http is None
+        self._http = http or httpx.AsyncClient(timeout=DEFAULT_HTTP_TIMEOUT)
+        self._child = child_organization_number
+        self._parent = parent_organization_number
+        self._refresh_margin = refresh_margin
+        self._clock = clock
+        self._lock = asyncio.Lock()
+        self._token: AccessToken | None = None
+        self._profile_info: ClientProfile | None = None
+        self._nonce: str | None = None
+
+    async def get_profile_info(self) -> ClientProfile:
+        """See :attr:`TokenClient.profile_info`."""
+        if self._profile_info is None:
+            info = await self.signer.get_client_profile(self.profile)
+            try:
+                response = await self._http.get(discovery_url(info.issuer))
+                response.raise_for_status()
+                document = response.json()
+            except (httpx.HTTPError, ValueError) as exc:
+                raise DiscoveryError(f"discovery at {discovery_url(info.issuer)} failed: {exc}") from exc
+            check_discovery(document, info)
+            self._profile_info = info
+        return self._profile_info
+
+    def invalidate(self, token: AccessToken | None = None) -> None:
+        """Drop the cached token (only if it is still ``token``, when given)."""
+        if token is None or self._token is token:
+            self._token = None
+
+    async def get_token(self) -> AccessToken:
+        """See :meth:`TokenClient.get_token`."""
+        token = self._token
+        if token is not None and token.usable(self._clock(), self._refresh_margin):
+            return token
+        async with self._lock:
+            token = self._token
+            if token is None or not token.usable(self._clock(), self._refresh_margin):
+                token = self._token = await self._request_token()
+            return token
+
+    async def _post(self, info: ClientProfile) -> tuple[httpx.Response, str]:
+        assertion = await self.signer.sign_client_assertion(
+            self.profile, child_organization_number=self._child, parent_organization_number=self._parent
+        )
+        proof = await self.signer.sign_dpop_proof(self.profile, "POST", info.token_endpoint, nonce=self._nonce)
+        response = await self._http.post(
+            info.token_endpoint,
+            data=token_form(info.client_id, self.scope, assertion.jwt),
+            headers={"DPoP": proof.jwt},
+        )
+        if "DPoP-Nonce" in response.headers:
+            self._nonce = response.headers["DPoP-Nonce"]
+        return response, proof.jkt
+
+    async def _request_token(self) -> AccessToken:
+        info = await self.get_profile_info()
+        response, jkt = await self._post(info)
+        if nonce_challenge(response):
+            response, jkt = await self._post(info)  # new assertion AND new proof, once
+        return parse_token_response(response, jkt, self._clock())
+
+    async def aclose(self) -> None:
+        """Close the HTTP client if this object made it."""
+        if self._own_http:
+            await self._http.aclose()
+
+    async def __aenter__(self) -> AsyncTokenClient:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
