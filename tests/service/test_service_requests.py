@@ -208,3 +208,25 @@ def test_signer_error_wraps_status(signer):
     with pytest.raises(SignerError) as caught:
         signer.sign_dpop_proof("single", "get", "https://a.example/")
     assert caught.value.code == grpc.StatusCode.INVALID_ARGUMENT and "htm" in caught.value.details
+
+
+def test_get_key_set_publishes_only_the_assertion_key(signer):
+    key_set = signer.get_key_set("single")
+    assert [k["kid"] for k in key_set.jwks["keys"]] == [signer.jwks["assertion"].thumbprint()]
+    published = key_set.jwks["keys"][0]
+    assert published["alg"] == "ES384" and published["use"] == "sig"
+    assert set(published) == {"kty", "crv", "x", "y", "kid", "alg", "use"}  # no private members
+    # jwcrypto computes the same thumbprint from the published members alone.
+    assert jwk.JWK(**{k: published[k] for k in ("kty", "crv", "x", "y")}).thumbprint() == published["kid"]
+    assert key_set.keys[0]["status"] == "CURRENT" and key_set.keys[0]["key_version"].startswith("serial=")
+    assert key_set.refresh_hint_seconds > 0
+
+
+def test_health_service_reports_serving(signer):
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    with grpc.insecure_channel(signer.address) as channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        for service in ("", "helseid.signer.v1.SignerService"):
+            answer = stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=5)
+            assert answer.status == health_pb2.HealthCheckResponse.SERVING

@@ -17,6 +17,7 @@ from .signer import (
     ClientAssertion,
     ClientProfile,
     DpopProof,
+    KeySet,
     SignerClient,
     access_token_sha256,
 )
@@ -32,6 +33,7 @@ __all__ = [
     "DiscoveryError",
     "DpopProof",
     "HelseIdSignerError",
+    "KeySet",
     "SignerClient",
     "SignerError",
     "TokenClient",

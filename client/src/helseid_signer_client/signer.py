@@ -7,6 +7,7 @@ assertion (RFC 7523) or a DPoP proof (RFC 9449) and gets a compact JWS back.
 from __future__ import annotations
 
 import hashlib
+import json
 from dataclasses import dataclass
 
 import grpc
@@ -65,6 +66,38 @@ class ClientProfile:
     dpop_alg: str
     dpop_jkt: str
     assertion_lifetime_seconds: int
+
+
+@dataclass(frozen=True)
+class KeySet:
+    """The public keys of a profile to register in HelseID self-service.
+
+    Attributes:
+        jwks: the JWK Set as a dict ``{"keys": [...]}`` (public members, kid, alg, use).
+        keys: per key: ``kid``, ``alg``, ``key_version`` (backend id), ``status``
+            (``"CURRENT"``, ``"NEXT"``, ``"PREVIOUS"``), ``active_from`` / ``published_until``
+            (seconds since the epoch, 0 when not set).
+        refresh_hint_seconds: how long the answer may be reused.
+    """
+
+    jwks: dict
+    keys: tuple[dict, ...]
+    refresh_hint_seconds: int
+
+
+def _key_set(r: pb.GetKeySetResponse) -> KeySet:
+    keys = tuple(
+        {
+            "kid": k.kid,
+            "alg": k.alg,
+            "key_version": k.key_version,
+            "status": pb.KeyStatus.Name(k.status).removeprefix("KEY_STATUS_"),
+            "active_from": k.active_from,
+            "published_until": k.published_until,
+        }
+        for k in r.keys
+    )
+    return KeySet(json.loads(r.jwks_json), keys, r.refresh_hint_seconds)
 
 
 def access_token_sha256(access_token: str) -> bytes:
@@ -187,6 +220,13 @@ class SignerClient:
         except grpc.RpcError as exc:
             raise SignerError.from_rpc_error(exc) from None
 
+    def get_key_set(self, profile: str) -> KeySet:
+        """The public JWKS of ``profile``'s client-assertion keys (for HelseID self-service)."""
+        try:
+            return _key_set(self._stub.GetKeySet(pb.GetKeySetRequest(profile=profile), timeout=self.timeout))
+        except grpc.RpcError as exc:
+            raise SignerError.from_rpc_error(exc) from None
+
     def close(self) -> None:
         """Close the channel."""
         self._channel.close()
@@ -253,6 +293,13 @@ class AsyncSignerClient:
         request = pb.GetClientProfileRequest(profile=profile)
         try:
             return _profile(await self._stub.GetClientProfile(request, timeout=self.timeout))
+        except grpc.RpcError as exc:
+            raise SignerError.from_rpc_error(exc) from None
+
+    async def get_key_set(self, profile: str) -> KeySet:
+        """See :meth:`SignerClient.get_key_set`."""
+        try:
+            return _key_set(await self._stub.GetKeySet(pb.GetKeySetRequest(profile=profile), timeout=self.timeout))
         except grpc.RpcError as exc:
             raise SignerError.from_rpc_error(exc) from None
 

@@ -44,6 +44,11 @@ class SigningKey:
     assertion_header: str
     dpop_header: str
 
+    @property
+    def published_jwk(self) -> dict[str, str]:
+        """The JWK to register in HelseID: public members, ``kid``, ``alg``, ``use: sig``."""
+        return dict(self.jwk, kid=self.kid, alg=self.alg.name, use="sig")
+
     def sign(self, signing_input: bytes) -> bytes:
         """Sign with this key's backend and alg; raises backend errors."""
         return self.backend.sign(self.resolved, self.alg, signing_input)

@@ -10,6 +10,7 @@ no detail (the detail goes to the log).
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import time
 from collections.abc import Awaitable, Callable
@@ -40,6 +41,7 @@ from .keys import SigningKey
 log = logging.getLogger("helseid_signer.service")
 T = TypeVar("T")
 SERVICE = pb.DESCRIPTOR.services_by_name["SignerService"]
+KEY_SET_REFRESH_HINT = 3600  # seconds
 
 
 @dataclass(frozen=True)
@@ -209,3 +211,23 @@ class SignerServicer(signer_pb2_grpc.SignerServiceServicer):
             )
 
         return await self._call(context, "GetClientProfile", request, work)
+
+    async def GetKeySet(self, request: pb.GetKeySetRequest, context: Any) -> pb.GetKeySetResponse:
+        """The public JWKS of the profile's client-assertion key(s), to register in HelseID."""
+
+        async def work(request: pb.GetKeySetRequest) -> pb.GetKeySetResponse:
+            key = self._profile(request.profile).assertion_key
+            return pb.GetKeySetResponse(
+                jwks_json=json.dumps({"keys": [key.published_jwk]}, separators=(",", ":")),
+                keys=[
+                    pb.PublishedKey(
+                        kid=key.kid,
+                        alg=key.alg.name,
+                        key_version=key.resolved.version,
+                        status=pb.KEY_STATUS_CURRENT,
+                    )
+                ],
+                refresh_hint_seconds=KEY_SET_REFRESH_HINT,
+            )
+
+        return await self._call(context, "GetKeySet", request, work)

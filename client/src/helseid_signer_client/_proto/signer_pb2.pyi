@@ -1,8 +1,22 @@
+from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
-from typing import ClassVar as _ClassVar, Optional as _Optional
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
+
+class KeyStatus(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    KEY_STATUS_UNSPECIFIED: _ClassVar[KeyStatus]
+    KEY_STATUS_CURRENT: _ClassVar[KeyStatus]
+    KEY_STATUS_NEXT: _ClassVar[KeyStatus]
+    KEY_STATUS_PREVIOUS: _ClassVar[KeyStatus]
+KEY_STATUS_UNSPECIFIED: KeyStatus
+KEY_STATUS_CURRENT: KeyStatus
+KEY_STATUS_NEXT: KeyStatus
+KEY_STATUS_PREVIOUS: KeyStatus
 
 class SignClientAssertionRequest(_message.Message):
     __slots__ = ("profile", "child_organization_number", "parent_organization_number")
@@ -85,3 +99,35 @@ class GetClientProfileResponse(_message.Message):
     dpop_jkt: str
     assertion_lifetime_seconds: int
     def __init__(self, client_id: _Optional[str] = ..., issuer: _Optional[str] = ..., token_endpoint: _Optional[str] = ..., assertion_alg: _Optional[str] = ..., assertion_kid: _Optional[str] = ..., dpop_alg: _Optional[str] = ..., dpop_jkt: _Optional[str] = ..., assertion_lifetime_seconds: _Optional[int] = ...) -> None: ...
+
+class GetKeySetRequest(_message.Message):
+    __slots__ = ("profile",)
+    PROFILE_FIELD_NUMBER: _ClassVar[int]
+    profile: str
+    def __init__(self, profile: _Optional[str] = ...) -> None: ...
+
+class PublishedKey(_message.Message):
+    __slots__ = ("kid", "alg", "key_version", "status", "active_from", "published_until")
+    KID_FIELD_NUMBER: _ClassVar[int]
+    ALG_FIELD_NUMBER: _ClassVar[int]
+    KEY_VERSION_FIELD_NUMBER: _ClassVar[int]
+    STATUS_FIELD_NUMBER: _ClassVar[int]
+    ACTIVE_FROM_FIELD_NUMBER: _ClassVar[int]
+    PUBLISHED_UNTIL_FIELD_NUMBER: _ClassVar[int]
+    kid: str
+    alg: str
+    key_version: str
+    status: KeyStatus
+    active_from: int
+    published_until: int
+    def __init__(self, kid: _Optional[str] = ..., alg: _Optional[str] = ..., key_version: _Optional[str] = ..., status: _Optional[_Union[KeyStatus, str]] = ..., active_from: _Optional[int] = ..., published_until: _Optional[int] = ...) -> None: ...
+
+class GetKeySetResponse(_message.Message):
+    __slots__ = ("jwks_json", "keys", "refresh_hint_seconds")
+    JWKS_JSON_FIELD_NUMBER: _ClassVar[int]
+    KEYS_FIELD_NUMBER: _ClassVar[int]
+    REFRESH_HINT_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    jwks_json: str
+    keys: _containers.RepeatedCompositeFieldContainer[PublishedKey]
+    refresh_hint_seconds: int
+    def __init__(self, jwks_json: _Optional[str] = ..., keys: _Optional[_Iterable[_Union[PublishedKey, _Mapping]]] = ..., refresh_hint_seconds: _Optional[int] = ...) -> None: ...

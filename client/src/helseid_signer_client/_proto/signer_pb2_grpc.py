@@ -51,6 +51,11 @@ class SignerServiceStub:
                 request_serializer=helseid_dot_signer_dot_v1_dot_signer__pb2.GetClientProfileRequest.SerializeToString,
                 response_deserializer=helseid_dot_signer_dot_v1_dot_signer__pb2.GetClientProfileResponse.FromString,
                 _registered_method=True)
+        self.GetKeySet = channel.unary_unary(
+                '/helseid.signer.v1.SignerService/GetKeySet',
+                request_serializer=helseid_dot_signer_dot_v1_dot_signer__pb2.GetKeySetRequest.SerializeToString,
+                response_deserializer=helseid_dot_signer_dot_v1_dot_signer__pb2.GetKeySetResponse.FromString,
+                _registered_method=True)
 
 
 class SignerServiceServicer:
@@ -82,6 +87,15 @@ class SignerServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetKeySet(self, request, context):
+        """Called by operators and tooling (`helseid-signer jwks`) to get the public keys to
+        register in HelseID self-service: the profile's client-assertion keys only (DPoP
+        keys are never registered; the token names them by `cnf.jkt`).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_SignerServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -99,6 +113,11 @@ def add_SignerServiceServicer_to_server(servicer, server):
                     servicer.GetClientProfile,
                     request_deserializer=helseid_dot_signer_dot_v1_dot_signer__pb2.GetClientProfileRequest.FromString,
                     response_serializer=helseid_dot_signer_dot_v1_dot_signer__pb2.GetClientProfileResponse.SerializeToString,
+            ),
+            'GetKeySet': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetKeySet,
+                    request_deserializer=helseid_dot_signer_dot_v1_dot_signer__pb2.GetKeySetRequest.FromString,
+                    response_serializer=helseid_dot_signer_dot_v1_dot_signer__pb2.GetKeySetResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -184,6 +203,33 @@ class SignerService:
             '/helseid.signer.v1.SignerService/GetClientProfile',
             helseid_dot_signer_dot_v1_dot_signer__pb2.GetClientProfileRequest.SerializeToString,
             helseid_dot_signer_dot_v1_dot_signer__pb2.GetClientProfileResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetKeySet(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/helseid.signer.v1.SignerService/GetKeySet',
+            helseid_dot_signer_dot_v1_dot_signer__pb2.GetKeySetRequest.SerializeToString,
+            helseid_dot_signer_dot_v1_dot_signer__pb2.GetKeySetResponse.FromString,
             options,
             channel_credentials,
             insecure,
