@@ -10,6 +10,7 @@ section 6.2.3 (scheme-based normalisation of ``htu``).
 
 from __future__ import annotations
 
+import ipaddress
 import re
 import secrets
 from typing import Any
@@ -25,6 +26,8 @@ _PROFILE_RE = re.compile(r"[A-Za-z0-9._-]{1,64}")
 _NONCE_RE = re.compile(r"[\x21\x23-\x5b\x5d-\x7e]+")  # NQCHAR, RFC 9449 section 8.1
 _ORGNR_RE = re.compile(r"[0-9]{9}")
 _DEFAULT_PORTS = {"http": 80, "https": 443}
+# RFC 3986 section 3.2.2/3.2.3: IP-literal (IPv6 only) or reg-name, then an optional port.
+_AUTHORITY_RE = re.compile(r"(\[[0-9A-Fa-f:.]+\]|(?:[A-Za-z0-9._~!$&'()*+,;=-]|%[0-9A-Fa-f]{2})+)(?::[0-9]*)?")
 HELSEID_ORGNR_SYSTEM = "urn:oid:2.16.578.1.12.4.1.4.101"
 MULTI_TENANT_SYSTEM = "urn:oid:1.0.6523"
 
@@ -71,7 +74,7 @@ def canonical_htu(htu: str) -> str:
     Keeps scheme, host, non-default port and path (an empty path becomes ``/``); drops
     query and fragment; lower-cases scheme and host. Refuses (RequestError on field
     ``htu``): over 2048 characters, non-ASCII or control characters or spaces, a scheme
-    other than http/https, a missing host, userinfo, an invalid port.
+    other than http/https, a missing or malformed host, userinfo, an invalid port.
     """
     if not htu:
         raise RequestError("htu", "is required")
@@ -79,12 +82,17 @@ def canonical_htu(htu: str) -> str:
         raise RequestError("htu", f"is longer than {MAX_HTU_LENGTH} characters")
     if not htu.isascii() or any(c <= " " or c == "\x7f" for c in htu):
         raise RequestError("htu", "must be ASCII without spaces or control characters (percent-encode)")
-    parts = urlsplit(htu)
+    try:
+        parts = urlsplit(htu)
+    except ValueError:  # e.g. an unbalanced "[" in the host
+        raise RequestError("htu", "is not a valid URI") from None
     scheme = parts.scheme.lower()
     if scheme not in _DEFAULT_PORTS:
         raise RequestError("htu", "must be an absolute http or https URI")
     if "@" in parts.netloc:
         raise RequestError("htu", "must not contain userinfo")
+    if not _AUTHORITY_RE.fullmatch(parts.netloc):
+        raise RequestError("htu", "has an invalid host or port")
     host = parts.hostname
     if not host:
         raise RequestError("htu", "has no host")
@@ -92,7 +100,11 @@ def canonical_htu(htu: str) -> str:
         port = parts.port
     except ValueError:
         raise RequestError("htu", "has an invalid port") from None
-    if ":" in host:
+    if parts.netloc.startswith("["):
+        try:
+            ipaddress.IPv6Address(host)
+        except ValueError:
+            raise RequestError("htu", "has an invalid IPv6 address") from None
         host = f"[{host}]"
     netloc = host if port in (None, _DEFAULT_PORTS[scheme]) else f"{host}:{port}"
     return f"{scheme}://{netloc}{parts.path or '/'}"

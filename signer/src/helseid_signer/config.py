@@ -43,10 +43,17 @@ def is_loopback_host(host: str | None) -> bool:
 
 def check_endpoint_url(url: str) -> str:
     """An issuer or token endpoint: absolute https URL (http only on loopback), no
-    userinfo, query or fragment. Returned unchanged (the issuer is compared exactly)."""
+    userinfo, query, fragment, spaces or control characters, a valid port if any.
+    Returned unchanged (the issuer is compared exactly)."""
+    if any(c <= " " or c == "\x7f" for c in url):
+        raise ValueError("must not contain spaces or control characters")
     parts = urlsplit(url)
     if parts.scheme not in ("https", "http") or not parts.hostname:
         raise ValueError("must be an absolute https URL")
+    try:
+        _ = parts.port  # parsing the port is the check
+    except ValueError:
+        raise ValueError("has an invalid port") from None
     if parts.scheme == "http" and not is_loopback_host(parts.hostname):
         raise ValueError("must use https (http only for loopback addresses)")
     if parts.username is not None or parts.password is not None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
+import re
 from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
@@ -21,6 +22,8 @@ from cryptography.hazmat.primitives.asymmetric.utils import (
 
 from .algorithms import CURVES, Curve, PublicKey
 
+_B64URL_RE = re.compile(r"[A-Za-z0-9_-]*")
+
 
 def b64url(data: bytes) -> str:
     """base64url without padding (RFC 7515 section 2)."""
@@ -29,7 +32,8 @@ def b64url(data: bytes) -> str:
 
 def b64url_decode(text: str) -> bytes:
     """Inverse of :func:`b64url`; raises ValueError on characters outside the alphabet."""
-    if any(c in text for c in "+/="):
+    # base64.urlsafe_b64decode silently drops characters outside the alphabet: check first.
+    if not _B64URL_RE.fullmatch(text):
         raise ValueError("not base64url without padding")
     return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
 
