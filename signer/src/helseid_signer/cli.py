@@ -7,13 +7,13 @@ key), 1 any other failure. Never prints a private key or a PIN.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import logging
 import sys
 import tomllib
 from pathlib import Path
 
+from .algorithms import AlgorithmError, get_algorithm
 from .backends.base import KEY_SPECS, BackendError, KeyCreator, backend_class, scheme_of
 from .config import ConfigError, Pkcs11Settings, load_settings
 from .keys import KeyResolutionError, build_backends, resolve_keys
@@ -32,7 +32,8 @@ class _JsonFormatter(logging.Formatter):
         return json.dumps(entry)
 
 
-def _setup_logging(level: str) -> None:
+def setup_logging(level: str) -> None:
+    """JSON log lines on stderr at ``level`` (debug, info, warning, error)."""
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(_JsonFormatter())
     logging.basicConfig(level=level.upper(), handlers=[handler], force=True)
@@ -56,21 +57,35 @@ def _backend_for_create(args: argparse.Namespace):
         except (OSError, tomllib.TOMLDecodeError) as exc:
             raise ConfigError(f"{args.config}: {exc}") from None
     else:
+        if not args.module:
+            raise ConfigError("keys create: give --config FILE, or --module PATH with --pin-env or --pin-file")
         options = {"module": args.module, "pin_env": args.pin_env, "pin_file": args.pin_file}
     return backend_class(scheme)(**options)
 
 
-def cmd_serve(args: argparse.Namespace) -> int:
-    from .server import serve
+def _check_spec_fits(alg_name: str, spec: str) -> None:
+    """Refuse ``--alg`` that cannot fit a key of ``--spec`` before the key is created
+    (a refused key would otherwise stay behind in the token). AlgorithmError otherwise."""
+    alg = get_algorithm(alg_name)
+    kind, _, size = spec.partition("-")
+    if alg.kty.value != kind:
+        raise AlgorithmError(f"alg {alg.name} needs an {alg.kty.value} key, --spec {spec} is {kind}")
+    if alg.curve is not None and alg.curve.name != f"P-{size[1:]}":
+        raise AlgorithmError(f"alg {alg.name} needs curve {alg.curve.name}, --spec {spec} is not")
 
-    settings = load_settings(args.config)
-    asyncio.run(serve(settings, ready_file=args.ready_file))
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from .server import run
+
+    run(load_settings(args.config), ready_file=args.ready_file)
     return 0
 
 
 def cmd_keys_create(args: argparse.Namespace) -> int:
     from .keys import make_signing_key
 
+    if args.alg:
+        _check_spec_fits(args.alg, args.spec)
     backend = _backend_for_create(args)
     if not isinstance(backend, KeyCreator):
         raise BackendError(f"backend {backend.scheme} cannot create keys")
@@ -127,7 +142,7 @@ def main(argv: list[str] | None = None) -> int:
     p.set_defaults(func=cmd_keys_jwk)
 
     args = parser.parse_args(argv)
-    _setup_logging(args.log_level)
+    setup_logging(args.log_level)
     try:
         return args.func(args)
     except (ConfigError, KeyResolutionError, BackendError, ValueError) as exc:

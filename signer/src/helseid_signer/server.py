@@ -10,7 +10,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import multiprocessing
 import signal
+import socket
+import tempfile
+import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -91,3 +96,74 @@ async def serve(settings: Settings, ready_file: str | None = None, stop: asyncio
     executor.shutdown(wait=True)
     for backend in backends:
         backend.close()
+
+
+def _worker(settings: Settings, ready_file: str) -> None:
+    """One worker process: its own event loop, gRPC server and Cryptoki instance
+    (initialised here, after the spawn: bug-kinds.md 23)."""
+    from .cli import setup_logging
+
+    setup_logging("info")
+    asyncio.run(serve(settings, ready_file=ready_file))
+
+
+def _reserve_port(host: str, port: int) -> tuple[socket.socket, int]:
+    """Bind (not listen) a SO_REUSEPORT socket so every worker binds the same concrete port.
+    A bound socket that is not listening receives no connections."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    sock.bind((host, port))
+    return sock, sock.getsockname()[1]
+
+
+def run(settings: Settings, ready_file: str | None = None) -> None:
+    """Serve with ``server.workers`` processes sharing one port (SO_REUSEPORT).
+
+    With one worker the server runs in this process. With more, this process supervises:
+    it spawns the workers (``spawn``, so no Cryptoki or gRPC state crosses a fork),
+    writes ``ready_file`` once every worker is serving, restarts a worker that dies (at
+    most once per second), and on SIGTERM/SIGINT stops them all (each drains its
+    in-flight requests).
+    """
+    workers = settings.server.workers
+    if workers == 1:
+        asyncio.run(serve(settings, ready_file=ready_file))
+        return
+    host, port = parse_listen(settings.server.listen)
+    reservation, port = _reserve_port(host, port)
+    listen = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    settings = settings.model_copy(update={"server": settings.server.model_copy(update={"listen": listen})})
+    context = multiprocessing.get_context("spawn")
+    stopping = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stopping.set())
+    with tempfile.TemporaryDirectory(prefix="helseid-signer-") as tmp:
+        ready_paths = [str(Path(tmp) / f"ready.{i}") for i in range(workers)]
+        procs = [
+            context.Process(target=_worker, args=(settings, p), name=f"worker-{i}") for i, p in enumerate(ready_paths)
+        ]
+        for proc in procs:
+            proc.start()
+        announced = False
+        last_restart = 0.0
+        while not stopping.wait(0.05):
+            if not announced and all(Path(p).exists() for p in ready_paths):
+                log.info("%d workers serving on %s", workers, listen)
+                if ready_file:
+                    Path(ready_file + ".tmp").write_text(listen)
+                    Path(ready_file + ".tmp").replace(ready_file)
+                announced = True
+            for i, proc in enumerate(procs):
+                if not proc.is_alive() and time.monotonic() - last_restart > 1.0:
+                    log.error("worker %d exited with %s; restarting it", i, proc.exitcode)
+                    last_restart = time.monotonic()
+                    procs[i] = context.Process(target=_worker, args=(settings, ready_paths[i]), name=f"worker-{i}")
+                    procs[i].start()
+        for proc in procs:
+            proc.terminate()  # SIGTERM: each worker drains, then exits
+        for proc in procs:
+            proc.join(timeout=15)
+            if proc.is_alive():
+                proc.kill()
+    reservation.close()
