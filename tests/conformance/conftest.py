@@ -1,0 +1,73 @@
+"""One conformance suite, run against every key backend.
+
+Each backend under test is described by a :class:`BackendUnderTest` made by a factory
+fixture named ``conformance_<scheme>``; add a backend by writing that fixture (in this
+file or a plugin imported here) and adding its scheme to ``BACKENDS``. The tests in this
+folder use only the :class:`~helseid_signer.backends.base.KeyBackend` protocol, the
+optional :class:`KeyCreator`, and independent verifiers.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import pytest
+
+from helseid_signer.backends.base import KeyBackend
+from tests.support.softhsm import SoftHsmToken
+
+BACKENDS = ["pkcs11"]
+
+
+@dataclass
+class BackendUnderTest:
+    """A backend plus a way to make fresh keys in it.
+
+    Attributes:
+        name: the scheme (``pkcs11``, ``awskms``, ``azurekv``).
+        backend: the backend object, as the service would build it.
+        make_key: ``make_key(spec) -> uri`` creates a fresh key (``RSA-2048`` ... ``EC-P521``)
+            and returns its key reference.
+        fault: for backends whose endpoint the suite can break (None otherwise): callables
+            used by error-mapping tests.
+    """
+
+    name: str
+    backend: KeyBackend
+    make_key: Callable[[str], str]
+    fault: dict[str, Callable[[], None]] = field(default_factory=dict)
+
+
+@pytest.fixture(scope="session")
+def conformance_pkcs11(softhsm_token: SoftHsmToken, pkcs11_backend) -> BackendUnderTest:
+    counter = itertools.count()
+
+    def make_key(spec: str) -> str:
+        uri = softhsm_token.uri(f"conformance-{spec.lower()}-{next(counter)}")
+        return pkcs11_backend.create_key(uri, spec).uri
+
+    return BackendUnderTest("pkcs11", pkcs11_backend, make_key)
+
+
+@pytest.fixture(scope="session", params=BACKENDS)
+def backend_under_test(request: pytest.FixtureRequest) -> BackendUnderTest:
+    """Each backend in turn."""
+    return request.getfixturevalue(f"conformance_{request.param}")
+
+
+_KEYS: dict[tuple[str, str], str] = {}
+
+
+@pytest.fixture(scope="session")
+def key_for(backend_under_test: BackendUnderTest) -> Callable[[str], str]:
+    """``key_for(spec) -> uri``: one key per (backend, spec), made on first use."""
+
+    def get(spec: str) -> str:
+        cache_key = (backend_under_test.name, spec)
+        if cache_key not in _KEYS:
+            _KEYS[cache_key] = backend_under_test.make_key(spec)
+        return _KEYS[cache_key]
+
+    return get
