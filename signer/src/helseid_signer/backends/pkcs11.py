@@ -168,7 +168,7 @@ def ec_point_from_attribute(value: bytes, size: int) -> bytes:
     """
     if len(value) == 1 + 2 * size and value[0] == 0x04:
         return value
-    point = OctetString.load(value).native
+    point = OctetString.load(value, strict=True).native  # strict: no trailing bytes
     if len(point) != 1 + 2 * size or point[0] != 0x04:
         raise ValueError("CKA_EC_POINT is neither a bare nor a DER-wrapped uncompressed point")
     return point
@@ -207,7 +207,10 @@ class Pkcs11Backend:
         if self._lib is None:
             if not Path(self.module_path).exists():
                 raise BackendConfigError(f"PKCS#11 module {self.module_path!r} does not exist")
-            self._lib = pkcs11.lib(self.module_path)
+            try:
+                self._lib = pkcs11.lib(self.module_path)
+            except PKCS11Error as exc:  # not a PKCS#11 module, or C_Initialize failed
+                raise BackendConfigError(f"cannot load PKCS#11 module {self.module_path!r}: {exc}") from exc
         return self._lib
 
     def _read_pin(self, uri: Pkcs11Uri) -> str:
@@ -231,7 +234,9 @@ class Pkcs11Backend:
         if session is None:
             lib = self._library()
             try:
-                token = lib.get_token(token_label=uri.token, token_serial=uri.serial)
+                # python-pkcs11 compares the serial as bytes (Token.serial); a str never matches
+                serial = uri.serial.encode() if uri.serial is not None else None
+                token = lib.get_token(token_label=uri.token, token_serial=serial)
             except pkcs11.NoSuchToken:
                 raise KeyNotFoundError(f"no PKCS#11 token with label {uri.token!r} / serial {uri.serial!r}") from None
             except pkcs11.MultipleTokensReturned:
@@ -365,28 +370,31 @@ class Pkcs11Backend:
             Attribute.WRAP: False,
         }
         with self._lock:
-            session = self._session(parsed)
-            existing = list(session.get_objects({Attribute.LABEL: parsed.object_label}))
-            if existing:
-                raise BackendConfigError(f"an object labelled {parsed.object_label!r} already exists in the token")
-            kind, _, size = key_spec.partition("-")
-            common = dict(
-                store=True,
-                label=parsed.object_label,
-                id=object_id,
-                public_template=public_template,
-                private_template=private_template,
-            )
-            if kind == "RSA":
-                session.generate_keypair(KeyType.RSA, int(size), **common)
-            else:
-                curve = CURVES["P-" + size[1:]]
-                params = session.create_domain_parameters(
-                    KeyType.EC,
-                    {Attribute.EC_PARAMS: encode_named_curve_parameters(_CURVE_NAMES[curve.name])},
-                    local=True,
+            try:
+                session = self._session(parsed)
+                existing = list(session.get_objects({Attribute.LABEL: parsed.object_label}))
+                if existing:
+                    raise BackendConfigError(f"an object labelled {parsed.object_label!r} already exists in the token")
+                kind, _, size = key_spec.partition("-")
+                common = dict(
+                    store=True,
+                    label=parsed.object_label,
+                    id=object_id,
+                    public_template=public_template,
+                    private_template=private_template,
                 )
-                params.generate_keypair(**common)
+                if kind == "RSA":
+                    session.generate_keypair(KeyType.RSA, int(size), **common)
+                else:
+                    curve = CURVES["P-" + size[1:]]
+                    params = session.create_domain_parameters(
+                        KeyType.EC,
+                        {Attribute.EC_PARAMS: encode_named_curve_parameters(_CURVE_NAMES[curve.name])},
+                        local=True,
+                    )
+                    params.generate_keypair(**common)
+            except PKCS11Error as exc:
+                raise BackendUnavailableError(f"PKCS#11 error creating {uri!r}: {type(exc).__name__}") from exc
         if parsed.object_id is None:
             path, sep, query = uri.partition("?")
             uri = f"{path};id={''.join(f'%{b:02x}' for b in object_id)}{sep}{query}"
