@@ -58,8 +58,8 @@ def _env() -> dict[str, str]:
     return {**os.environ, "SOFTHSM2_CONF": str(STATE / "softhsm2.conf")}
 
 
-def demo_config(issuer: str) -> Path:
-    """The signer configuration for this run: the kit's keys, the local issuer."""
+def demo_config(issuer: str, api_base_url: str) -> Path:
+    """The signer configuration for this run: the kit's keys, the local issuer, the API."""
     path = STATE / "demo-signer.toml"
     path.write_text(
         f"""# Written by `python -m demo` for one run; see softhsm-test/signer.example.toml.
@@ -85,6 +85,7 @@ issuer = "{issuer}"
 assertion_key = "demo-assertion"
 dpop_key = "demo-dpop"
 assertion_lifetime = 10
+api_base_urls = ["{api_base_url}"]
 """
     )
     return path
@@ -110,10 +111,11 @@ def main(argv: list[str] | None = None) -> int:
     client = {"client_id": CLIENT_ID, "jwks": {"keys": [assertion_jwk]}, "scope": SCOPE}
     with running_authserver([client]) as auth:
         print(f"2. authorization server (oidc-provider, HelseID profile): {auth.issuer}")
-        with running_signer(demo_config(auth.issuer), env={"SOFTHSM2_CONF": str(STATE / "softhsm2.conf")}) as addr:
-            print(f"3. helseid-signer serving on {addr} (keys in SoftHSM token 'helseid-dev')")
-            with DeftApi(auth.issuer, require_nonce=True) as api:
-                print(f"4. DEFT stand-in API (DPoP-protected, demands its own nonce): {api.base_url}")
+        with DeftApi(auth.issuer, require_nonce=True) as api:
+            print(f"3. DEFT stand-in API (DPoP-protected, demands its own nonce): {api.base_url}")
+            config = demo_config(auth.issuer, api.base_url + "/api")
+            with running_signer(config, env={"SOFTHSM2_CONF": str(STATE / "softhsm2.conf")}) as addr:
+                print(f"4. helseid-signer serving on {addr} (keys in SoftHSM token 'helseid-dev')")
                 return _run_client(addr, api, started)
 
 

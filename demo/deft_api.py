@@ -186,6 +186,14 @@ class DeftApi:
         self.base_url = f"http://127.0.0.1:{self._server.server_address[1]}"
         self._thread = threading.Thread(target=self._server.serve_forever, name="deft-api", daemon=True)
 
+    def reset(self, require_nonce: bool) -> DeftApi:
+        """Start counting afresh, with a new nonce and the given nonce demand (tests)."""
+        with self.state.lock:
+            self.state.require_nonce = require_nonce
+            self.state.nonce = secrets.token_urlsafe(16)
+            self.state.accepted = 0
+        return self
+
     def __enter__(self) -> DeftApi:
         self._thread.start()
         return self

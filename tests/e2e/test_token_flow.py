@@ -45,7 +45,7 @@ def world(tmp_path_factory):
     }
     jwks = {name: keys_create(token, name, spec, alg) for name, (spec, alg) in keys.items()}
     client = {"client_id": CLIENT_ID, "jwks": {"keys": [jwks["assertion"]]}, "scope": SCOPE}
-    with running_authserver([client]) as auth:
+    with running_authserver([client]) as auth, DeftApi(auth.issuer) as api:
         config = write_config(
             folder / "signer.toml",
             token,
@@ -53,6 +53,7 @@ def world(tmp_path_factory):
             client_id=CLIENT_ID,
             keys={name: alg for name, (_, alg) in keys.items()},
             profiles={"app": ("assertion", "dpop"), "unregistered": ("stranger", "dpop")},
+            api_base_urls=(api.base_url + "/api",),
         )
         rotated = write_config(
             folder / "signer-rotated.toml",
@@ -61,6 +62,7 @@ def world(tmp_path_factory):
             client_id=CLIENT_ID,
             keys={"assertion": "PS256", "dpop-next": "ES384"},
             profiles={"app": ("assertion", "dpop-next")},
+            api_base_urls=(api.base_url + "/api",),
         )
         env = {"SOFTHSM2_CONF": str(token.conf)}
         with running_signer(config, env=env) as address, running_signer(rotated, env=env) as rotated_address:
@@ -72,6 +74,7 @@ def world(tmp_path_factory):
                     "rotated_address": rotated_address,
                     "jwks": jwks,
                     "token": token,
+                    "api": api,
                 }
 
 
@@ -168,13 +171,13 @@ def test_dpop_auth_calls_protected_api(world, require_nonce):
     def record(r: httpx.Request) -> None:
         seen.append((r.url.path, r.headers.get("Authorization", ""), r.headers.get("DPoP", "")))
 
-    with DeftApi(world["auth"].issuer, require_nonce=require_nonce) as api:
-        with TokenClient(world["signer"], "app", SCOPE) as tokens:
-            hooks = {"request": [record]}
-            with httpx.Client(auth=DPoPAuth(tokens), event_hooks=hooks, base_url=api.base_url) as client:
-                first = client.get("/api/whoami")
-                upload = client.post("/api/files?SenderHerId=8142987&ReceiverHerIds=8142988#x", content=b"x" * 1000)
-                again = client.get("/api/whoami?page=2")
+    api = world["api"].reset(require_nonce=require_nonce)
+    with TokenClient(world["signer"], "app", SCOPE) as tokens:
+        hooks = {"request": [record]}
+        with httpx.Client(auth=DPoPAuth(tokens), event_hooks=hooks, base_url=api.base_url) as client:
+            first = client.get("/api/whoami")
+            upload = client.post("/api/files?SenderHerId=8142987&ReceiverHerIds=8142988#x", content=b"x" * 1000)
+            again = client.get("/api/whoami?page=2")
     assert first.status_code == 200, first.text
     assert first.json() == {"client_id": CLIENT_ID, "scope": SCOPE, "htu": api.base_url + "/api/whoami"}
     assert upload.status_code == 200 and upload.json()["received_bytes"] == 1000
@@ -200,10 +203,10 @@ def test_dpop_auth_async_with_concurrent_requests_shares_one_token(world):
         async with AsyncSignerClient(world["address"]) as signer:
             http = httpx.AsyncClient(event_hooks={"request": [record]})
             async with AsyncTokenClient(signer, "app", SCOPE, http=http) as tokens:
-                with DeftApi(world["auth"].issuer) as api:
-                    async with httpx.AsyncClient(auth=DPoPAuth(tokens), base_url=api.base_url) as client:
-                        answers = await asyncio.gather(*(client.get("/api/whoami") for _ in range(20)))
-                        accepted = api.state.accepted
+                api = world["api"].reset(require_nonce=False)
+                async with httpx.AsyncClient(auth=DPoPAuth(tokens), base_url=api.base_url) as client:
+                    answers = await asyncio.gather(*(client.get("/api/whoami") for _ in range(20)))
+                    accepted = api.state.accepted
             await http.aclose()
         return [a.status_code for a in answers], len(posts), accepted
 
@@ -213,17 +216,17 @@ def test_dpop_auth_async_with_concurrent_requests_shares_one_token(world):
 
 
 def test_rotated_dpop_key_makes_the_client_fetch_a_new_token(world):
-    with DeftApi(world["auth"].issuer) as api:
-        with TokenClient(world["signer"], "app", SCOPE) as tokens:
-            auth = DPoPAuth(tokens)
-            with httpx.Client(auth=auth, base_url=api.base_url) as client:
-                assert client.get("/api/whoami").status_code == 200
-                old = tokens.get_token()
-                # The signer restarts with a new DPoP key for the same profile.
-                with SignerClient(world["rotated_address"]) as rotated:
-                    tokens.signer = rotated
-                    answer = client.get("/api/whoami")
-                    new = tokens.get_token()
+    api = world["api"].reset(require_nonce=False)
+    with TokenClient(world["signer"], "app", SCOPE) as tokens:
+        auth = DPoPAuth(tokens)
+        with httpx.Client(auth=auth, base_url=api.base_url) as client:
+            assert client.get("/api/whoami").status_code == 200
+            old = tokens.get_token()
+            # The signer restarts with a new DPoP key for the same profile.
+            with SignerClient(world["rotated_address"]) as rotated:
+                tokens.signer = rotated
+                answer = client.get("/api/whoami")
+                new = tokens.get_token()
     assert answer.status_code == 200, answer.text
     assert old.jkt == jwk.JWK(**world["jwks"]["dpop"]).thumbprint()
     assert new.jkt == jwk.JWK(**world["jwks"]["dpop-next"]).thumbprint() != old.jkt

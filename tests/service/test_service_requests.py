@@ -45,6 +45,7 @@ def signer(tmp_path_factory):
         keys={"assertion": "ES384", "dpop": "RS256"},
         profiles={"single": ("assertion", "dpop"), "multi": ("assertion", "dpop")},
         extra_profile_lines={"single": [orgs, "assertion_lifetime = 7"], "multi": [orgs, 'tenancy = "multi"']},
+        api_base_urls=("https://api.example.no/deft", "https://a.example"),
     )
     with running_signer(config, env={"SOFTHSM2_CONF": str(token.conf)}) as address:
         with SignerClient(address) as client:
@@ -132,7 +133,7 @@ def test_get_client_profile(signer):
 BAD_REQUESTS = [
     # (rpc, request fields, status, field named in the message)
     ("assertion", {"profile": ""}, "INVALID_ARGUMENT", "profile"),
-    ("assertion", {"profile": "nope"}, "NOT_FOUND", "profile"),
+    ("assertion", {"profile": "nope"}, "PERMISSION_DENIED", "profile"),
     ("assertion", {"profile": "x" * 65}, "INVALID_ARGUMENT", "profile"),
     ("assertion", {"profile": "sin gle"}, "INVALID_ARGUMENT", "profile"),
     ("assertion", {"profile": "single", "child_organization_number": "12345678"}, "INVALID_ARGUMENT",
@@ -166,8 +167,25 @@ BAD_REQUESTS = [
      "INVALID_ARGUMENT", "access_token_sha256"),
     ("proof", {"profile": "single", "htm": "GET", "htu": "https://a.example/", "access_token_sha256": b"\0" * 64},
      "INVALID_ARGUMENT", "access_token_sha256"),
-    ("proof", {"profile": "absent", "htm": "GET", "htu": "https://a.example/"}, "NOT_FOUND", "profile"),
-    ("profile", {"profile": "absent"}, "NOT_FOUND", "profile"),
+    ("proof", {"profile": "absent", "htm": "GET", "htu": "https://a.example/"}, "PERMISSION_DENIED", "profile"),
+    ("profile", {"profile": "absent"}, "PERMISSION_DENIED", "profile"),
+    ("keyset", {"profile": "absent"}, "PERMISSION_DENIED", "profile"),
+    # htu outside the profile's token endpoint and API base URLs, or trying to escape them
+    ("proof", {"profile": "single", "htm": "GET", "htu": "https://api.example.no.evil/deft/x"}, "PERMISSION_DENIED",
+     "htu"),
+    ("proof", {"profile": "single", "htm": "GET", "htu": "https://api.example.no/deft-admin"}, "PERMISSION_DENIED",
+     "htu"),
+    ("proof", {"profile": "single", "htm": "GET", "htu": "https://api.example.no/deft/../admin"}, "INVALID_ARGUMENT",
+     "htu"),
+    ("proof", {"profile": "single", "htm": "GET", "htu": "https://api.example.no/deft/%2e%2e/admin"},
+     "INVALID_ARGUMENT", "htu"),
+    ("proof", {"profile": "single", "htm": "GET", "htu": "https://api.example.no/deft%2fadmin"}, "INVALID_ARGUMENT",
+     "htu"),
+    ("proof", {"profile": "single", "htm": "GET", "htu": "http://api.example.no/deft/x"}, "PERMISSION_DENIED", "htu"),
+    ("proof", {"profile": "single", "htm": "GET", "htu": "https://api.example.no:8443/deft/x"}, "PERMISSION_DENIED",
+     "htu"),
+    ("proof", {"profile": "single", "htm": "POST", "htu": "https://helseid-sts.nhn.no/connect/token"},
+     "PERMISSION_DENIED", "htu"),
     ("profile", {"profile": "../etc"}, "INVALID_ARGUMENT", "profile"),
 ]  # fmt: skip
 
@@ -180,6 +198,7 @@ def test_bad_request_gets_clear_status_and_service_keeps_serving(signer, rpc, fi
             "assertion": (stub.SignClientAssertion, pb.SignClientAssertionRequest),
             "proof": (stub.SignDpopProof, pb.SignDpopProofRequest),
             "profile": (stub.GetClientProfile, pb.GetClientProfileRequest),
+            "keyset": (stub.GetKeySet, pb.GetKeySetRequest),
         }[rpc]
         with pytest.raises(grpc.RpcError) as caught:
             call(message(**fields), timeout=5)

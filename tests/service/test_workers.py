@@ -77,4 +77,6 @@ def test_supervisor_restarts_a_killed_worker(two_workers):
     assert victim not in now and len(now) >= len(before)
     time.sleep(1.5)  # the new worker initialises Cryptoki and binds
     with SignerClient(address) as client:
-        assert all(client.sign_dpop_proof("p", "GET", "https://a.example/").jwt for _ in range(50))
+        assert all(
+            client.sign_dpop_proof("p", "POST", "https://helseid-sts.test.nhn.no/connect/token").jwt for _ in range(50)
+        )

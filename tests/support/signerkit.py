@@ -32,9 +32,12 @@ def write_config(
     keys: dict[str, str],
     profiles: dict[str, tuple[str, str]],
     extra_profile_lines: dict[str, list[str]] | None = None,
+    api_base_urls: tuple[str, ...] = (),
+    extra_lines: tuple[str, ...] = (),
 ) -> Path:
     """Write a signer TOML: ``keys`` maps key name -> alg (object label = key name);
-    ``profiles`` maps profile name -> (assertion key, DPoP key)."""
+    ``profiles`` maps profile name -> (assertion key, DPoP key), each with ``api_base_urls``;
+    ``extra_lines`` are appended (callers, audit, ...)."""
     lines = [
         "[server]", 'listen = "127.0.0.1:0"', "insecure = true", "",
         "[backends.pkcs11]", f'module = "{token.module}"', f'pin_file = "{token.pin_file}"', "",
@@ -45,7 +48,8 @@ def write_config(
         lines += [
             f"[profiles.{name}]", f'client_id = "{client_id}"', f'issuer = "{issuer}"',
             f'assertion_key = "{assertion_key}"', f'dpop_key = "{dpop_key}"',
+            "api_base_urls = [" + ", ".join(f'"{u}"' for u in api_base_urls) + "]",
         ]  # fmt: skip
         lines += (extra_profile_lines or {}).get(name, []) + [""]
-    path.write_text("\n".join(lines))
+    path.write_text("\n".join([*lines, *extra_lines, ""]))
     return path

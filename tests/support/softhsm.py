@@ -25,7 +25,9 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
 #: Where Debian's softhsm2 package puts the module.
-DEFAULT_MODULE = "/usr/lib/softhsm/libsofthsm2.so"
+#: Resolved like Pkcs11Backend resolves it: a test that calls pkcs11.lib() itself must load
+#: the same file, or Cryptoki is initialised twice in one process.
+DEFAULT_MODULE = os.path.realpath("/usr/lib/softhsm/libsofthsm2.so")
 _TIMEOUT_S = 60
 
 

@@ -222,7 +222,7 @@ def test_bad_orgnr(tmp_path: Path, orgnr: str) -> None:
         ("assertion_key", 'assertion_key = "bad name"', "profiles.demo.assertion_key"),
         ("uri", 'uri = ""', "keys.assertion.uri"),
         ("workers", "workers = 0", "server.workers"),
-        ("insecure", "insecure = false", "server.insecure"),
+        ("insecure", "insecure = false", "server"),
         ("module", "", "backends.pkcs11.module"),
     ],
 )

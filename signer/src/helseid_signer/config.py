@@ -16,7 +16,17 @@ from pathlib import Path
 from typing import Annotated, Literal
 from urllib.parse import urlsplit
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    Strict,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 from .algorithms import ALGORITHMS
 
@@ -67,24 +77,106 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+def _config_path(value: str, info: ValidationInfo) -> str:
+    """Resolve a relative path against the configuration file's folder."""
+    base = (info.context or {}).get("base")
+    if base is not None and value and not Path(value).is_absolute():
+        return str(Path(base) / value)
+    return value
+
+
+#: A file path; relative paths are taken from the configuration file's folder.
+ConfigPath = Annotated[str, Field(min_length=1, max_length=4096), AfterValidator(_config_path)]
+Int = Annotated[int, Strict()]
+Bool = Annotated[bool, Strict()]
+
+
 class ServerSettings(_Strict):
-    """``[server]``: where and how the gRPC service listens."""
+    """``[server]``: where and how the gRPC service listens.
 
-    listen: str = "127.0.0.1:50051"
-    insecure: bool = False
-    workers: Annotated[int, Field(ge=1, le=64)] = 1
-    reflection: bool = False
-    max_concurrent_rpcs: Annotated[int, Field(ge=1, le=100_000)] = 1000
+    ``listen`` is a TCP listener with TLS and REQUIRED client certificates (mTLS), using
+    ``tls_certificate``/``tls_private_key`` (PEM files) and ``client_ca`` (the CA bundle
+    that issues application certificates). ``insecure = true`` makes ``listen`` plaintext
+    instead: development only, logged as a warning at start-up; its requests come from
+    the caller ``insecure_caller`` (or, when that is unset, from an implicit caller that
+    may use every profile). ``listen`` may be omitted when only Unix sockets are used.
+    """
 
-    @field_validator("insecure")
+    listen: str | None = None
+    insecure: Bool = False
+    insecure_caller: Name | None = None
+    tls_certificate: ConfigPath | None = None
+    tls_private_key: ConfigPath | None = None
+    client_ca: ConfigPath | None = None
+    workers: Annotated[Int, Field(ge=1, le=64)] = 1
+    reflection: Bool = False
+    max_concurrent_rpcs: Annotated[Int, Field(ge=1, le=100_000)] = 1000
+
+    @field_validator("listen")
     @classmethod
-    def _insecure_only_for_now(cls, value: bool) -> bool:
-        if not value:
-            raise ValueError(
-                "only insecure = true (plaintext, development) is implemented so far; "
-                "TLS with client certificates is on the way"
-            )
+    def _listen(cls, value: str | None) -> str | None:
+        if value is not None:
+            parse_listen(value)
         return value
+
+    @model_validator(mode="after")
+    def _tls(self) -> ServerSettings:
+        if self.listen and not self.insecure:
+            missing = [f for f in ("tls_certificate", "tls_private_key", "client_ca") if not getattr(self, f)]
+            if missing:
+                raise ValueError(
+                    f"listen with TLS needs {', '.join(missing)} (or insecure = true for plaintext development)"
+                )
+        if self.insecure_caller and not (self.listen and self.insecure):
+            raise ValueError("insecure_caller needs listen with insecure = true")
+        return self
+
+
+class UnixSocketSettings(_Strict):
+    """A caller's own Unix domain socket: created at ``path`` with ``mode`` (default 0660),
+    owned by ``owner``/``group`` (names or numeric ids; changing them needs root)."""
+
+    path: ConfigPath
+    owner: str | Int | None = None
+    group: str | Int | None = None
+    mode: Annotated[Int, Field(ge=0, le=0o777)] = 0o660
+
+
+class CallerSettings(_Strict):
+    """``[callers.NAME]``: one application allowed to call the service.
+
+    ``tls_names``: identities its client certificate carries (a DNS or URI subjectAltName,
+    or the subject CN when the certificate has no SAN). ``unix_socket``: its own socket.
+    ``profiles``: the profiles it may use. ``rate_limit``: requests per second (average,
+    per worker process) with bursts up to ``rate_burst``; unlimited when unset.
+    """
+
+    profiles: tuple[Name, ...]
+    tls_names: tuple[Annotated[str, Field(min_length=1, max_length=1024)], ...] = ()
+    unix_socket: UnixSocketSettings | None = None
+    rate_limit: Annotated[float, Field(gt=0, le=1_000_000)] | None = None
+    rate_burst: Annotated[Int, Field(ge=1, le=1_000_000)] | None = None
+
+    @model_validator(mode="after")
+    def _identified(self) -> CallerSettings:
+        if not self.tls_names and self.unix_socket is None:
+            raise ValueError("a caller needs tls_names or a unix_socket to be identified by")
+        return self
+
+
+class AuditSettings(_Strict):
+    """``[audit]``: where audit records go (``stdout`` or ``file`` at ``path``) and what a
+    failed write does (``fail_closed``: the request fails; ``continue``: answer anyway)."""
+
+    sink: Literal["stdout", "file"] = "stdout"
+    path: ConfigPath | None = None
+    on_failure: Literal["fail_closed", "continue"] = "fail_closed"
+
+    @model_validator(mode="after")
+    def _path(self) -> AuditSettings:
+        if (self.sink == "file") != (self.path is not None):
+            raise ValueError("sink = 'file' needs path, and path needs sink = 'file'")
+        return self
 
 
 class Pkcs11Settings(_Strict):
@@ -92,7 +184,7 @@ class Pkcs11Settings(_Strict):
 
     module: str
     pin_env: str | None = None
-    pin_file: str | None = None
+    pin_file: ConfigPath | None = None
 
     @model_validator(mode="after")
     def _one_pin_source(self) -> Pkcs11Settings:
@@ -112,6 +204,9 @@ class KeySettings(_Strict):
 
     uri: Annotated[str, Field(min_length=1, max_length=2048)]
     alg: str
+    #: When set, the key may sign only for profiles with one of these issuers, so a test
+    #: key can never sign for production.
+    issuers: tuple[str, ...] | None = None
 
     @field_validator("alg")
     @classmethod
@@ -129,9 +224,21 @@ class ProfileSettings(_Strict):
     token_endpoint: str | None = None
     assertion_key: Name
     dpop_key: Name
-    assertion_lifetime: Annotated[int, Field(ge=1, le=60)] = 10
+    assertion_lifetime: Annotated[Int, Field(ge=1, le=60)] = 10
     tenancy: Literal["single", "multi"] = "single"
     allowed_organization_numbers: tuple[Annotated[str, Field(pattern=ORGNR_PATTERN)], ...] = ()
+    #: DPoP proofs may name the token endpoint and URLs under these bases only.
+    api_base_urls: tuple[str, ...] = ()
+
+    @field_validator("api_base_urls")
+    @classmethod
+    def _bases(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        from .policy import UrlBase
+
+        for url in value:
+            check_endpoint_url(url)
+            UrlBase.parse(url)
+        return value
 
     @field_validator("issuer", "token_endpoint")
     @classmethod
@@ -147,10 +254,12 @@ class ProfileSettings(_Strict):
 class Settings(_Strict):
     """The whole configuration file."""
 
-    server: ServerSettings = ServerSettings(insecure=True)
+    server: ServerSettings = ServerSettings()
     backends: BackendsSettings = BackendsSettings()
+    audit: AuditSettings = AuditSettings()
     keys: dict[Name, KeySettings]
     profiles: dict[Name, ProfileSettings]
+    callers: dict[Name, CallerSettings] = {}
 
     @model_validator(mode="after")
     def _references(self) -> Settings:
@@ -159,6 +268,26 @@ class Settings(_Strict):
                 key = getattr(profile, field)
                 if key not in self.keys:
                     raise ValueError(f"profiles.{name}.{field}: no [keys.{key}] section")
+            bound = self.keys[profile.assertion_key].issuers, self.keys[profile.dpop_key].issuers
+            for field, issuers in zip(("assertion_key", "dpop_key"), bound, strict=True):
+                if issuers is not None and profile.issuer not in issuers:
+                    raise ValueError(
+                        f"profiles.{name}.{field}: key {getattr(profile, field)!r} is bound to issuers "
+                        f"{list(issuers)}, not {profile.issuer!r}"
+                    )
+        for name, caller in self.callers.items():
+            for profile in caller.profiles:
+                if profile not in self.profiles:
+                    raise ValueError(f"callers.{name}.profiles: no [profiles.{profile}] section")
+        if self.server.insecure_caller and self.server.insecure_caller not in self.callers:
+            raise ValueError(f"server.insecure_caller: no [callers.{self.server.insecure_caller}] section")
+        sockets = [c.unix_socket.path for c in self.callers.values() if c.unix_socket]
+        if len(sockets) != len(set(sockets)):
+            raise ValueError("callers: two callers share a unix_socket path (one socket per caller)")
+        if sockets and self.server.workers > 1:
+            raise ValueError("server.workers: Unix sockets need workers = 1 (a socket path has one listener)")
+        if not self.server.listen and not sockets:
+            raise ValueError("server.listen: no listener (set listen, or give a caller a unix_socket)")
         for name, key in self.keys.items():
             scheme = key.uri.partition(":")[0]
             if scheme == "pkcs11" and self.backends.pkcs11 is None:
@@ -175,15 +304,6 @@ def _format_error(exc: ValidationError) -> str:
     return "; ".join(lines)
 
 
-def _resolve_paths(settings: Settings, base: Path) -> Settings:
-    p11 = settings.backends.pkcs11
-    if p11 and p11.pin_file and not Path(p11.pin_file).is_absolute():
-        p11 = p11.model_copy(update={"pin_file": str(base / p11.pin_file)})
-        backends = settings.backends.model_copy(update={"pkcs11": p11})
-        settings = settings.model_copy(update={"backends": backends})
-    return settings
-
-
 def load_settings(path: str | Path) -> Settings:
     """Read and validate the TOML file at ``path``; raise :class:`ConfigError` naming the key."""
     path = Path(path)
@@ -194,10 +314,9 @@ def load_settings(path: str | Path) -> Settings:
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{path}: not valid TOML: {exc}") from None
     try:
-        settings = Settings.model_validate(data)
+        return Settings.model_validate(data, context={"base": str(path.resolve().parent)})
     except ValidationError as exc:
         raise ConfigError(f"{path}: {_format_error(exc)}") from None
-    return _resolve_paths(settings, path.resolve().parent)
 
 
 def parse_listen(listen: str) -> tuple[str, int]:

@@ -49,9 +49,10 @@ class SigningKey:
         """The JWK to register in HelseID: public members, ``kid``, ``alg``, ``use: sig``."""
         return dict(self.jwk, kid=self.kid, alg=self.alg.name, use="sig")
 
-    def sign(self, signing_input: bytes) -> bytes:
-        """Sign with this key's backend and alg; raises backend errors."""
-        return self.backend.sign(self.resolved, self.alg, signing_input)
+    def sign(self, signing_input: bytes, deadline: float | None = None) -> bytes:
+        """Sign with this key's backend and alg, within ``deadline`` (``time.monotonic()``
+        seconds; None: no deadline); raises backend errors."""
+        return self.backend.sign(self.resolved, self.alg, signing_input, deadline=deadline)
 
 
 def make_signing_key(name: str, alg_name: str, backend: KeyBackend, resolved: ResolvedKey) -> SigningKey:

@@ -9,10 +9,15 @@ supervisors can start it on port 0.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import grp
 import logging
 import multiprocessing
+import os
+import pwd
 import signal
 import socket
+import stat
 import tempfile
 import threading
 import time
@@ -24,9 +29,11 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from helseid_signer_client._proto import signer_pb2
 
-from .config import Settings, parse_listen
+from .audit import AuditLog
+from .config import Settings, UnixSocketSettings, parse_listen
 from .keys import build_backends, resolve_keys
-from .service import Profile, SignerServicer, add_to_server
+from .policy import Caller, HtuPolicy, RateLimiter
+from .service import Identify, Profile, SignerServicer, add_to_server
 
 log = logging.getLogger("helseid_signer.server")
 SERVICE_NAME = signer_pb2.DESCRIPTOR.services_by_name["SignerService"].full_name
@@ -46,17 +53,53 @@ def build_profiles(settings: Settings) -> tuple[dict[str, Profile], list]:
             token_endpoint=p.effective_token_endpoint,
             assertion_key=keys[p.assertion_key],
             dpop_key=keys[p.dpop_key],
+            htu_policy=HtuPolicy.from_settings(p.effective_token_endpoint, p.api_base_urls),
         )
         for name, p in settings.profiles.items()
     }
     return profiles, list(backends.values())
 
 
-async def serve(settings: Settings, ready_file: str | None = None, stop: asyncio.Event | None = None) -> None:
-    """Serve until ``stop`` is set (or SIGTERM/SIGINT when ``stop`` is None)."""
-    profiles, backends = build_profiles(settings)
-    executor = ThreadPoolExecutor(max_workers=8, thread_name_prefix="sign")
-    server = grpc.aio.server(
+def build_callers(settings: Settings) -> dict[str, Caller]:
+    """The configured callers, each with its rate limiter."""
+    callers = {}
+    for name, c in settings.callers.items():
+        limiter = None
+        if c.rate_limit is not None:
+            limiter = RateLimiter(c.rate_limit, c.rate_burst or max(1, int(c.rate_limit)))
+        callers[name] = Caller(name, frozenset(c.profiles), limiter)
+    return callers
+
+
+def tls_identifier(settings: Settings, callers: dict[str, Caller]) -> Identify:
+    """Identify a caller by its verified client certificate: a DNS or URI subjectAltName,
+    or the subject CN when the certificate has no SAN, equal to one of its ``tls_names``."""
+    by_name = {n: callers[caller] for caller, c in settings.callers.items() for n in c.tls_names}
+
+    def identify(context: grpc.aio.ServicerContext) -> Caller | None:
+        auth = context.auth_context()
+        names = auth.get("x509_subject_alternative_name") or auth.get("x509_common_name") or []
+        for raw in names:
+            caller = by_name.get(raw.decode("utf-8", "replace"))
+            if caller is not None:
+                return caller
+        return None
+
+    return identify
+
+
+def _fixed(caller: Caller) -> Identify:
+    return lambda context: caller
+
+
+def _owner_ids(owner: str | int | None, group: str | int | None) -> tuple[int, int]:
+    uid = -1 if owner is None else owner if isinstance(owner, int) else pwd.getpwnam(owner).pw_uid
+    gid = -1 if group is None else group if isinstance(group, int) else grp.getgrnam(group).gr_gid
+    return uid, gid
+
+
+def _new_server(settings: Settings) -> grpc.aio.Server:
+    return grpc.aio.server(
         maximum_concurrent_rpcs=settings.server.max_concurrent_rpcs,
         options=[
             ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
@@ -64,25 +107,88 @@ async def serve(settings: Settings, ready_file: str | None = None, stop: asyncio
             ("grpc.so_reuseport", 1),
         ],
     )
-    add_to_server(SignerServicer(profiles, executor), server)
-    health_servicer = health.aio.HealthServicer()
-    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    if settings.server.reflection:
-        from grpc_reflection.v1alpha import reflection
 
-        reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
-    host, port = parse_listen(settings.server.listen)
-    if settings.server.insecure:
-        log.warning("listening WITHOUT TLS on %s:%s (server.insecure = true): development only", host, port)
-    bound = server.add_insecure_port(f"[{host}]:{port}" if ":" in host else f"{host}:{port}")
-    await server.start()
+
+def _read(path: str) -> bytes:
+    return Path(path).read_bytes()
+
+
+async def serve(settings: Settings, ready_file: str | None = None, stop: asyncio.Event | None = None) -> None:
+    """Serve until ``stop`` is set (or SIGTERM/SIGINT when ``stop`` is None).
+
+    One gRPC server per listener, so that each knows how its callers are identified:
+    the TCP listener (mTLS, or plaintext with ``insecure = true``) and one Unix socket
+    per caller that has one. All share the profiles, the signing executor, the audit log
+    and the health status.
+    """
+    profiles, backends = build_profiles(settings)
+    callers = build_callers(settings)
+    audit = AuditLog(settings.audit.path, fail_closed=settings.audit.on_failure == "fail_closed")
+    executor = ThreadPoolExecutor(max_workers=8, thread_name_prefix="sign")
+    health_servicer = health.aio.HealthServicer()
+    servers: list[grpc.aio.Server] = []
+    addresses: list[str] = []
+
+    def new_server(identify: Identify) -> grpc.aio.Server:
+        server = _new_server(settings)
+        add_to_server(SignerServicer(profiles, executor, audit, identify), server)
+        health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+        if settings.server.reflection:
+            from grpc_reflection.v1alpha import reflection
+
+            names = (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME)
+            reflection.enable_server_reflection(names, server)
+        servers.append(server)
+        return server
+
+    if settings.server.listen:
+        host, port = parse_listen(settings.server.listen)
+        target = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+        if settings.server.insecure:
+            name = settings.server.insecure_caller
+            caller = callers[name] if name else Caller("insecure-development", frozenset(profiles))
+            log.warning(
+                "listening WITHOUT TLS on %s (server.insecure = true): development only; every request "
+                "there is caller %r",
+                target,
+                caller.name,
+            )
+            bound = new_server(_fixed(caller)).add_insecure_port(target)
+        else:
+            credentials = grpc.ssl_server_credentials(
+                [(_read(settings.server.tls_private_key), _read(settings.server.tls_certificate))],
+                root_certificates=_read(settings.server.client_ca),
+                require_client_auth=True,
+            )
+            bound = new_server(tls_identifier(settings, callers)).add_secure_port(target, credentials)
+        addresses.append(f"{host}:{bound}")
+    sockets: list[tuple[str, UnixSocketSettings]] = []
+    for name, c in settings.callers.items():
+        if c.unix_socket is None:
+            continue
+        path = c.unix_socket.path
+        if os.path.lexists(path) and stat.S_ISSOCK(os.lstat(path).st_mode):
+            os.unlink(path)  # a stale socket of an earlier run
+        old_umask = os.umask(0o177)  # the socket exists 0600 until it gets its final mode
+        try:
+            new_server(_fixed(callers[name])).add_insecure_port(f"unix:{path}")
+        finally:
+            os.umask(old_umask)
+        sockets.append((path, c.unix_socket))
+        addresses.append(f"unix:{path}")
+    for server in servers:
+        await server.start()
+    for path, sock in sockets:
+        uid, gid = _owner_ids(sock.owner, sock.group)
+        if uid != -1 or gid != -1:
+            os.chown(path, uid, gid)
+        os.chmod(path, sock.mode)
     for name in ("", SERVICE_NAME):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
-    address = f"{host}:{bound}"
-    log.info("serving %s on %s with %d profile(s)", SERVICE_NAME, address, len(profiles))
+    log.info("serving %s on %s with %d profile(s)", SERVICE_NAME, ", ".join(addresses), len(profiles))
     if ready_file:
         tmp = Path(ready_file + ".tmp")
-        tmp.write_text(address)
+        tmp.write_text(addresses[0])
         tmp.replace(ready_file)
     if stop is None:
         stop = asyncio.Event()
@@ -92,10 +198,14 @@ async def serve(settings: Settings, ready_file: str | None = None, stop: asyncio
     await stop.wait()
     log.info("stopping: health NOT_SERVING, draining in-flight requests")
     await health_servicer.enter_graceful_shutdown()
-    await server.stop(grace=5)
+    await asyncio.gather(*(server.stop(grace=5) for server in servers))
     executor.shutdown(wait=True)
+    audit.close()
     for backend in backends:
         backend.close()
+    for path, _ in sockets:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
 
 
 def _worker(settings: Settings, ready_file: str) -> None:
@@ -130,6 +240,7 @@ def run(settings: Settings, ready_file: str | None = None) -> None:
     if workers == 1:
         asyncio.run(serve(settings, ready_file=ready_file))
         return
+    assert settings.server.listen is not None  # config validation: workers > 1 means TCP only
     host, port = parse_listen(settings.server.listen)
     reservation, port = _reserve_port(host, port)
     listen = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"

@@ -1,10 +1,18 @@
-"""The gRPC servicer: request -> checks -> claims -> backend signature -> compact JWS.
+"""The gRPC servicer: caller -> policy -> claims -> backend signature -> compact JWS -> audit.
 
 Every header and claim the service can know is built here, never taken from the caller
-(architecture.md, "The data path"). Errors map to gRPC status codes once, in
-:meth:`SignerServicer._call`: RequestError -> its code (INVALID_ARGUMENT / NOT_FOUND /
-PERMISSION_DENIED), BackendError -> its ``grpc_code``, anything else -> INTERNAL with
-no detail (the detail goes to the log).
+(architecture.md, "The data path"). Each request passes, in order:
+
+1. parsing (a request that does not parse gets INVALID_ARGUMENT, not UNKNOWN);
+2. the caller's identity (UNAUTHENTICATED when unknown) and whether it may use the
+   profile (PERMISSION_DENIED, same message whether the profile exists or not), and its
+   rate limit (RESOURCE_EXHAUSTED);
+3. the profile's rules for the request fields (INVALID_ARGUMENT when malformed,
+   PERMISSION_DENIED when well-formed but not allowed);
+4. signing in the key's backend, bounded by the caller's deadline;
+5. the audit record - with ``fail_closed`` a JWS is returned only once it is written.
+
+Errors map to gRPC status codes once, in :meth:`SignerServicer._call`.
 """
 
 from __future__ import annotations
@@ -16,18 +24,17 @@ import time
 from collections.abc import Awaitable, Callable
 from concurrent.futures import Executor
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any
 
 import grpc
 
 from helseid_signer_client._proto import signer_pb2 as pb
-from helseid_signer_client._proto import signer_pb2_grpc
 
+from .audit import AuditError, AuditLog
 from .backends.base import BackendError
 from .claims import (
     RequestError,
     assertion_details,
-    canonical_htu,
     check_access_token_sha256,
     check_htm,
     check_nonce,
@@ -37,11 +44,26 @@ from .claims import (
 from .config import ProfileSettings
 from .jwt import compact, json_b64, signing_input
 from .keys import SigningKey
+from .policy import Caller, HtuPolicy, check_caller_may_use
 
 log = logging.getLogger("helseid_signer.service")
-T = TypeVar("T")
 SERVICE = pb.DESCRIPTOR.services_by_name["SignerService"]
 KEY_SET_REFRESH_HINT = 3600  # seconds
+
+#: Finds the caller of a request from its gRPC context (None: unknown caller).
+Identify = Callable[[grpc.aio.ServicerContext], Caller | None]
+
+
+@dataclass(frozen=True)
+class Profile:
+    """A client profile with its keys resolved and its ``htu`` policy."""
+
+    name: str
+    settings: ProfileSettings
+    token_endpoint: str
+    assertion_key: SigningKey
+    dpop_key: SigningKey
+    htu_policy: HtuPolicy
 
 
 @dataclass(frozen=True)
@@ -79,74 +101,90 @@ def add_to_server(servicer: SignerServicer, server: grpc.aio.Server) -> None:
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE.full_name, handlers),))
 
 
-@dataclass(frozen=True)
-class Profile:
-    """A client profile with its keys resolved."""
-
-    name: str
-    settings: ProfileSettings
-    token_endpoint: str
-    assertion_key: SigningKey
-    dpop_key: SigningKey
+Work = Callable[[Profile, Any, dict[str, Any], float | None], Awaitable[Any]]
 
 
-class SignerServicer(signer_pb2_grpc.SignerServiceServicer):
+class SignerServicer:
     """Implements ``helseid.signer.v1.SignerService`` (see proto/.../signer.proto).
 
     Args:
         profiles: the configured profiles by name.
         executor: where blocking backend calls run, off the event loop.
-        clock: returns the current time in seconds since the epoch (tests may fix it).
+        audit: the audit log.
+        identify: finds the caller of a request (per listener: TLS certificate, Unix
+            socket, or the configured insecure caller).
+        clock: current time in seconds since the epoch.
     """
 
     def __init__(
         self,
         profiles: dict[str, Profile],
         executor: Executor,
+        audit: AuditLog,
+        identify: Identify,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self._profiles = profiles
         self._executor = executor
+        self._audit = audit
+        self._identify = identify
         self._clock = clock
 
-    def _profile(self, name: str) -> Profile:
-        check_profile_name(name)
-        profile = self._profiles.get(name)
-        if profile is None:
-            raise RequestError("profile", f"no profile named {name!r}", code="NOT_FOUND")
-        return profile
-
-    async def _sign(self, key: SigningKey, header_b64: str, claims: dict[str, Any]) -> str:
+    async def _sign(self, key: SigningKey, header_b64: str, claims: dict[str, Any], deadline: float | None) -> str:
         data = signing_input(header_b64, json_b64(claims))
         loop = asyncio.get_running_loop()
-        signature = await loop.run_in_executor(self._executor, key.sign, data)
+        signature = await loop.run_in_executor(self._executor, key.sign, data, deadline)
         return compact(data, signature)
 
-    async def _call(
-        self, context: grpc.aio.ServicerContext, method: str, request: Any, work: Callable[[Any], Awaitable[T]]
-    ) -> T:
+    async def _call(self, context: grpc.aio.ServicerContext, purpose: str, request: Any, work: Work) -> Any:
+        started = time.perf_counter()
+        record: dict[str, Any] = {"caller": None, "profile": None, "purpose": purpose}
         try:
             if isinstance(request, MalformedRequest):
                 raise RequestError("request", f"is not a valid {request.message_type} (string fields must be UTF-8)")
-            return await work(request)
+            caller = self._identify(context)
+            record["caller"] = caller.name if caller else None
+            if caller is not None:
+                record["profile"] = check_profile_name(request.profile)
+            check_caller_may_use(caller, request.profile)
+            remaining = context.time_remaining()
+            deadline = None if remaining is None else time.monotonic() + remaining
+            response = await work(self._profiles[request.profile], request, record, deadline)
+            record.update(outcome="signed" if "jti" in record else "answered", status="OK")
+            self._write_audit(record, started)
+            return response
+        except AuditError as exc:
+            log.error("refusing to answer without an audit record: %s", exc)
+            await context.abort(grpc.StatusCode.UNAVAILABLE, "audit trail unavailable; nothing was signed")
         except RequestError as exc:
-            await context.abort(grpc.StatusCode[exc.code], str(exc))
+            await self._refuse(context, record, started, "refused", exc.code, str(exc))
         except BackendError as exc:
-            log.warning("backend error in %s: %s", method, exc)
-            await context.abort(grpc.StatusCode[exc.grpc_code], str(exc))
+            log.warning("backend error in %s: %s", purpose, exc)
+            await self._refuse(context, record, started, "failed", exc.grpc_code, str(exc))
         except Exception:
-            log.exception("internal error in %s", method)
-            await context.abort(grpc.StatusCode.INTERNAL, "internal error")
+            log.exception("internal error in %s", purpose)
+            await self._refuse(context, record, started, "failed", "INTERNAL", "internal error")
         raise AssertionError("unreachable")  # context.abort always raises
 
-    async def SignClientAssertion(
-        self, request: pb.SignClientAssertionRequest, context: Any
-    ) -> pb.SignClientAssertionResponse:
-        """Build and sign a client assertion (RFC 7523 section 3, HelseID profile)."""
-        return await self._call(context, "SignClientAssertion", request, self._sign_client_assertion)
+    def _write_audit(self, record: dict[str, Any], started: float) -> None:
+        record["latency_ms"] = round((time.perf_counter() - started) * 1000, 3)
+        self._audit.write(record)
 
-    async def _sign_client_assertion(self, request: pb.SignClientAssertionRequest) -> pb.SignClientAssertionResponse:
-        profile = self._profile(request.profile)
+    async def _refuse(self, context: Any, record: dict, started: float, outcome: str, code: str, message: str) -> None:
+        record.update(outcome=outcome, status=code, error=message)
+        try:
+            self._write_audit(record, started)
+        except AuditError as exc:  # the request is refused anyway; say so in the log
+            log.error("audit record of a refusal not written: %s", exc)
+        await context.abort(grpc.StatusCode[code], message)
+
+    async def SignClientAssertion(self, request: Any, context: Any) -> pb.SignClientAssertionResponse:
+        """Build and sign a client assertion (RFC 7523 section 3, HelseID profile)."""
+        return await self._call(context, "client_assertion", request, self._sign_client_assertion)
+
+    async def _sign_client_assertion(
+        self, profile: Profile, request: pb.SignClientAssertionRequest, record: dict, deadline: float | None
+    ) -> pb.SignClientAssertionResponse:
         s = profile.settings
         details = assertion_details(
             s.tenancy,
@@ -167,22 +205,28 @@ class SignerServicer(signer_pb2_grpc.SignerServiceServicer):
         }
         if details is not None:
             claims["assertion_details"] = details
+            record["organization_numbers"] = [n for n in (request.parent_organization_number,
+                                                          request.child_organization_number) if n]  # fmt: skip
         key = profile.assertion_key
-        jwt = await self._sign(key, key.assertion_header, claims)
+        jwt = await self._sign(key, key.assertion_header, claims, deadline)
+        record.update(kid=key.kid, alg=key.alg.name, key_version=key.resolved.version, jti=jti, exp=claims["exp"])
         return pb.SignClientAssertionResponse(
             jwt=jwt, kid=key.kid, alg=key.alg.name, jti=jti, issued_at=now, expires_at=claims["exp"]
         )
 
-    async def SignDpopProof(self, request: pb.SignDpopProofRequest, context: Any) -> pb.SignDpopProofResponse:
+    async def SignDpopProof(self, request: Any, context: Any) -> pb.SignDpopProofResponse:
         """Build and sign a DPoP proof (RFC 9449 section 4.2)."""
-        return await self._call(context, "SignDpopProof", request, self._sign_dpop_proof)
+        return await self._call(context, "dpop_proof", request, self._sign_dpop_proof)
 
-    async def _sign_dpop_proof(self, request: pb.SignDpopProofRequest) -> pb.SignDpopProofResponse:
-        profile = self._profile(request.profile)
+    async def _sign_dpop_proof(
+        self, profile: Profile, request: pb.SignDpopProofRequest, record: dict, deadline: float | None
+    ) -> pb.SignDpopProofResponse:
         htm = check_htm(request.htm)
-        htu = canonical_htu(request.htu)
+        htu = profile.htu_policy.check(request.htu)
+        record.update(htm=htm, htu=htu)
         nonce = check_nonce(request.nonce)
         ath = check_access_token_sha256(request.access_token_sha256)
+        record.update(nonce_present=nonce is not None, ath_present=ath is not None)
         now = int(self._clock())
         jti = new_jti()
         claims: dict[str, Any] = {"jti": jti, "htm": htm, "htu": htu, "iat": now}
@@ -191,43 +235,38 @@ class SignerServicer(signer_pb2_grpc.SignerServiceServicer):
         if ath is not None:
             claims["ath"] = ath
         key = profile.dpop_key
-        jwt = await self._sign(key, key.dpop_header, claims)
+        jwt = await self._sign(key, key.dpop_header, claims, deadline)
+        record.update(kid=key.kid, alg=key.alg.name, key_version=key.resolved.version, jti=jti)
         return pb.SignDpopProofResponse(jwt=jwt, jkt=key.kid, alg=key.alg.name, jti=jti, issued_at=now, htu=htu)
 
-    async def GetClientProfile(self, request: pb.GetClientProfileRequest, context: Any) -> pb.GetClientProfileResponse:
+    async def GetClientProfile(self, request: Any, context: Any) -> pb.GetClientProfileResponse:
         """What a client library needs to run the token flow for a profile."""
+        return await self._call(context, "client_profile", request, self._client_profile)
 
-        async def work(request: pb.GetClientProfileRequest) -> pb.GetClientProfileResponse:
-            p = self._profile(request.profile)
-            return pb.GetClientProfileResponse(
-                client_id=p.settings.client_id,
-                issuer=p.settings.issuer,
-                token_endpoint=p.token_endpoint,
-                assertion_alg=p.assertion_key.alg.name,
-                assertion_kid=p.assertion_key.kid,
-                dpop_alg=p.dpop_key.alg.name,
-                dpop_jkt=p.dpop_key.kid,
-                assertion_lifetime_seconds=p.settings.assertion_lifetime,
-            )
+    async def _client_profile(self, p: Profile, request: Any, record: dict, deadline: float | None) -> Any:
+        return pb.GetClientProfileResponse(
+            client_id=p.settings.client_id,
+            issuer=p.settings.issuer,
+            token_endpoint=p.token_endpoint,
+            assertion_alg=p.assertion_key.alg.name,
+            assertion_kid=p.assertion_key.kid,
+            dpop_alg=p.dpop_key.alg.name,
+            dpop_jkt=p.dpop_key.kid,
+            assertion_lifetime_seconds=p.settings.assertion_lifetime,
+        )
 
-        return await self._call(context, "GetClientProfile", request, work)
-
-    async def GetKeySet(self, request: pb.GetKeySetRequest, context: Any) -> pb.GetKeySetResponse:
+    async def GetKeySet(self, request: Any, context: Any) -> pb.GetKeySetResponse:
         """The public JWKS of the profile's client-assertion key(s), to register in HelseID."""
+        return await self._call(context, "key_set", request, self._key_set)
 
-        async def work(request: pb.GetKeySetRequest) -> pb.GetKeySetResponse:
-            key = self._profile(request.profile).assertion_key
-            return pb.GetKeySetResponse(
-                jwks_json=json.dumps({"keys": [key.published_jwk]}, separators=(",", ":")),
-                keys=[
-                    pb.PublishedKey(
-                        kid=key.kid,
-                        alg=key.alg.name,
-                        key_version=key.resolved.version,
-                        status=pb.KEY_STATUS_CURRENT,
-                    )
-                ],
-                refresh_hint_seconds=KEY_SET_REFRESH_HINT,
-            )
-
-        return await self._call(context, "GetKeySet", request, work)
+    async def _key_set(self, p: Profile, request: Any, record: dict, deadline: float | None) -> Any:
+        key = p.assertion_key
+        return pb.GetKeySetResponse(
+            jwks_json=json.dumps({"keys": [key.published_jwk]}, separators=(",", ":")),
+            keys=[
+                pb.PublishedKey(
+                    kid=key.kid, alg=key.alg.name, key_version=key.resolved.version, status=pb.KEY_STATUS_CURRENT
+                )
+            ],
+            refresh_hint_seconds=KEY_SET_REFRESH_HINT,
+        )

@@ -86,8 +86,11 @@ class KeyBackend(Protocol):
         BackendUnavailableError."""
         ...
 
-    def sign(self, key: ResolvedKey, alg: Algorithm, signing_input: bytes) -> bytes:
+    def sign(self, key: ResolvedKey, alg: Algorithm, signing_input: bytes, deadline: float | None = None) -> bytes:
         """Sign ``signing_input`` (the ASCII JWS signing input, any length) with ``alg``.
+
+        ``deadline``: ``time.monotonic()`` value by which the caller needs the answer (the
+        gRPC deadline); remote backends bound their retries by it. None: no deadline.
 
         The caller has already checked that ``alg`` fits the key. Returns the JWS
         signature bytes (RSA: modulus length; ES256/384/512: 64/96/132 bytes ``R || S``).

@@ -193,7 +193,9 @@ class Pkcs11Backend:
     scheme: ClassVar[str] = "pkcs11"
 
     def __init__(self, module: str, pin_env: str | None = None, pin_file: str | None = None) -> None:
-        self.module_path = module
+        # One Cryptoki instance and one lock per module FILE: a symlink and its target
+        # (/usr/lib/softhsm/libsofthsm2.so -> .../x86_64-linux-gnu/...) are the same module.
+        self.module_path = os.path.realpath(module)
         self._pin_env = pin_env
         self._pin_file = pin_file
         self._lock = module_lock(module)
@@ -275,7 +277,7 @@ class Pkcs11Backend:
         return ResolvedKey(uri=uri, version=version, public_key=public_key, handle=private)
 
     def _check_module(self, parsed: Pkcs11Uri) -> None:
-        if parsed.module_path and parsed.module_path != self.module_path:
+        if parsed.module_path and os.path.realpath(parsed.module_path) != self.module_path:
             raise BackendConfigError(
                 f"PKCS#11 URI names module {parsed.module_path!r}, the backend is configured with {self.module_path!r}"
             )
@@ -306,8 +308,11 @@ class Pkcs11Backend:
             return ec.EllipticCurvePublicKey.from_encoded_point(curve.crypto(), point)
         raise BackendConfigError(f"key type {key_type!r} is neither RSA nor EC")
 
-    def sign(self, key: ResolvedKey, alg: Algorithm, signing_input: bytes) -> bytes:
-        """Sign with the mechanism table above; BackendUnavailableError on any Cryptoki error."""
+    def sign(self, key: ResolvedKey, alg: Algorithm, signing_input: bytes, deadline: float | None = None) -> bytes:
+        """Sign with the mechanism table above; BackendUnavailableError on any Cryptoki error.
+
+        ``deadline`` is accepted for the interface and not needed: a local token answers in
+        milliseconds and a Cryptoki call cannot be cancelled."""
         if alg.padding is Padding.NONE:
             data = hashlib.new(alg.hash_name, signing_input).digest()
             mechanism, param = Mechanism.ECDSA, None
