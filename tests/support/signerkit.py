@@ -34,12 +34,14 @@ def write_config(
     extra_profile_lines: dict[str, list[str]] | None = None,
     api_base_urls: tuple[str, ...] = (),
     extra_lines: tuple[str, ...] = (),
+    server_lines: tuple[str, ...] = ('listen = "127.0.0.1:0"', "insecure = true"),
 ) -> Path:
     """Write a signer TOML: ``keys`` maps key name -> alg (object label = key name);
     ``profiles`` maps profile name -> (assertion key, DPoP key), each with ``api_base_urls``;
-    ``extra_lines`` are appended (callers, audit, ...)."""
+    ``extra_lines`` are appended (callers, audit, ...); ``server_lines`` make the
+    ``[server]`` section (default: plaintext on a free loopback port)."""
     lines = [
-        "[server]", 'listen = "127.0.0.1:0"', "insecure = true", "",
+        "[server]", *server_lines, "",
         "[backends.pkcs11]", f'module = "{token.module}"', f'pin_file = "{token.pin_file}"', "",
     ]  # fmt: skip
     for name, alg in keys.items():

@@ -1,0 +1,204 @@
+"""Many applications, one signer: mTLS and Unix-socket callers, per-caller profiles,
+rate limits and the audit trail - with real TLS (certificates made at set-up), real
+Unix sockets and a real ``helseid-signer serve`` process on SoftHSM."""
+
+from __future__ import annotations
+
+import json
+import os
+import stat
+import time
+from pathlib import Path
+
+import grpc
+import pytest
+from jwcrypto import jwk, jws
+
+from helseid_signer_client import SignerClient, SignerError
+from tests.support.pki import CertificateAuthority
+from tests.support.signer_proc import running_signer
+from tests.support.signerkit import keys_create, write_config
+from tests.support.softhsm import create_token
+
+ISSUER = "https://helseid-sts.test.nhn.no"
+TOKEN_ENDPOINT = ISSUER + "/connect/token"
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("callers")
+    token = create_token(folder / "token", label="callers")
+    jwks = {name: jwk.JWK(**keys_create(token, name, "EC-P256", "ES256")) for name in ("ka", "kb")}
+    ca = CertificateAuthority(folder / "pki", "signer-clients")
+    other_ca = CertificateAuthority(folder / "other-pki", "stranger")
+    certs = {
+        "server": ca.issue("server", dns=("localhost",), ips=("127.0.0.1",), server=True),
+        "app-a": ca.issue("app-a", dns=("app-a.vendor.test",)),
+        "app-b": ca.issue("app-b", uris=("spiffe://vendor.test/app-b",)),
+        "app-cn": ca.issue("app-cn", common_name="legacy-app"),  # no SAN: identified by CN
+        "unlisted": ca.issue("unlisted", dns=("app-c.vendor.test",)),
+        "foreign": other_ca.issue("foreign", dns=("app-a.vendor.test",)),  # right name, unknown CA
+    }
+    socket_path = folder / "sidecar.sock"
+    audit_path = folder / "audit.jsonl"
+    config = write_config(
+        folder / "signer.toml", token, issuer=ISSUER, client_id="multi-app",
+        keys={"ka": "ES256", "kb": "ES256"},
+        profiles={"a": ("ka", "ka"), "b": ("kb", "kb")},
+        api_base_urls=("https://api.example.no/deft",),
+        server_lines=(
+            'listen = "127.0.0.1:0"',
+            f'tls_certificate = "{certs["server"].cert_path}"',
+            f'tls_private_key = "{certs["server"].key_path}"',
+            f'client_ca = "{ca.cert_path}"',
+        ),
+        extra_lines=(
+            "[audit]", 'sink = "file"', f'path = "{audit_path}"', "",
+            "[callers.app-a]", 'tls_names = ["app-a.vendor.test"]', 'profiles = ["a"]', "",
+            "[callers.app-b]", 'tls_names = ["spiffe://vendor.test/app-b"]', 'profiles = ["b"]',
+            "rate_limit = 0.5", "rate_burst = 3", "",
+            "[callers.legacy]", 'tls_names = ["legacy-app"]', 'profiles = ["a", "b"]', "",
+            "[callers.sidecar]", 'profiles = ["b"]', f'unix_socket = {{ path = "{socket_path}", mode = 0o660 }}', "",
+        ),
+    )  # fmt: skip
+    with running_signer(config, env={"SOFTHSM2_CONF": str(token.conf)}) as address:
+        yield {
+            "address": address, "ca": ca, "certs": certs, "jwks": jwks,
+            "socket": socket_path, "audit": audit_path, "config": config,
+        }  # fmt: skip
+
+
+def _client(world, name: str, ca_path: Path | None = None) -> SignerClient:
+    cert = world["certs"][name]
+    credentials = grpc.ssl_channel_credentials(
+        root_certificates=(ca_path or world["ca"].cert_path).read_bytes(),
+        private_key=cert.key,
+        certificate_chain=cert.cert,
+    )
+    return SignerClient(world["address"], credentials=credentials, timeout=5)
+
+
+def _audit(world) -> list[dict]:
+    return [json.loads(line) for line in world["audit"].read_text().splitlines()]
+
+
+def _verify(token: str, key: jwk.JWK) -> dict:
+    obj = jws.JWS()
+    obj.deserialize(token, key=key)
+    return json.loads(obj.payload)
+
+
+def test_each_application_gets_only_its_own_profile(world):
+    with _client(world, "app-a") as a, _client(world, "app-b") as b:
+        assertion = a.sign_client_assertion("a")
+        assert _verify(assertion.jwt, world["jwks"]["ka"])["sub"] == "multi-app"
+        proof = b.sign_dpop_proof("b", "POST", TOKEN_ENDPOINT)
+        assert _verify(proof.jwt, world["jwks"]["kb"])["htu"] == TOKEN_ENDPOINT
+        refusals = []
+        for client, profile in ((a, "b"), (a, "does-not-exist"), (b, "a")):
+            with pytest.raises(SignerError) as caught:
+                client.sign_client_assertion(profile)
+            refusals.append((caught.value.code, caught.value.details))
+    # The same answer for a forbidden profile and a missing one: no probing.
+    assert {r for r in refusals} == {
+        (grpc.StatusCode.PERMISSION_DENIED, "profile: is not a profile this caller may use")
+    }
+
+
+def test_certificate_without_san_is_identified_by_its_cn(world):
+    with _client(world, "app-cn") as legacy:
+        assert legacy.get_client_profile("a").client_id == "multi-app"
+        assert legacy.get_client_profile("b").client_id == "multi-app"
+
+
+def test_trusted_but_unlisted_certificate_is_unauthenticated(world):
+    with _client(world, "unlisted") as stranger, pytest.raises(SignerError) as caught:
+        stranger.sign_client_assertion("a")
+    assert caught.value.code == grpc.StatusCode.UNAUTHENTICATED
+    assert caught.value.details.startswith("caller:")
+
+
+@pytest.mark.parametrize("who", ["foreign", "none"])
+def test_certificate_from_unknown_ca_or_none_fails_the_handshake(world, who):
+    if who == "none":
+        credentials = grpc.ssl_channel_credentials(root_certificates=world["ca"].cert_path.read_bytes())
+        client = SignerClient(world["address"], credentials=credentials, timeout=3)
+    else:
+        client = _client(world, "foreign")
+    with client, pytest.raises(SignerError) as caught:
+        client.sign_client_assertion("a")
+    assert caught.value.code == grpc.StatusCode.UNAVAILABLE  # the TLS handshake failed; nothing reached the servicer
+
+
+def test_plaintext_to_the_tls_listener_fails(world):
+    with SignerClient(world["address"], timeout=3) as plain, pytest.raises(SignerError) as caught:
+        plain.sign_client_assertion("a")
+    assert caught.value.code == grpc.StatusCode.UNAVAILABLE
+
+
+def test_unix_socket_caller(world):
+    mode = stat.S_IMODE(os.stat(world["socket"]).st_mode)
+    assert stat.S_ISSOCK(os.stat(world["socket"]).st_mode) and mode == 0o660
+    with SignerClient(f"unix:{world['socket']}") as sidecar:
+        proof = sidecar.sign_dpop_proof("b", "GET", "https://api.example.no/deft/files")
+        assert _verify(proof.jwt, world["jwks"]["kb"])["htm"] == "GET"
+        with pytest.raises(SignerError) as caught:
+            sidecar.sign_client_assertion("a")
+    assert caught.value.code == grpc.StatusCode.PERMISSION_DENIED
+
+
+def test_rate_limit_gives_resource_exhausted_and_others_are_not_affected(world):
+    time.sleep(2.5)  # let app-b's bucket refill (0.5/s, burst 3)
+    with _client(world, "app-b") as b, _client(world, "app-a") as a:
+        codes = []
+        for _ in range(6):
+            try:
+                b.get_client_profile("b")
+                codes.append("OK")
+            except SignerError as exc:
+                codes.append(exc.code.name)
+        assert codes[:2] == ["OK", "OK"] and "RESOURCE_EXHAUSTED" in codes
+        assert all(a.get_client_profile("a") for _ in range(10))  # app-a has no limit
+
+
+def test_audit_records_field_by_field(world):
+    with _client(world, "app-a") as a:
+        assertion = a.sign_client_assertion("a")
+        proof = a.sign_dpop_proof("a", "GET", "https://api.example.no/deft/x?q=1", access_token="secret-token-value")
+        with pytest.raises(SignerError):
+            a.sign_dpop_proof("a", "GET", "https://evil.example/deft")
+    records = _audit(world)
+    by_jti = {r.get("jti"): r for r in records}
+    signed = by_jti[assertion.jti]
+    assert signed["caller"] == "app-a" and signed["profile"] == "a" and signed["purpose"] == "client_assertion"
+    assert signed["outcome"] == "signed" and signed["status"] == "OK"
+    assert signed["kid"] == world["jwks"]["ka"].thumbprint() and signed["alg"] == "ES256"
+    assert signed["key_version"].startswith("serial=") and signed["exp"] == assertion.expires_at
+    assert isinstance(signed["latency_ms"], float) and signed["time"].endswith("Z")
+    p = by_jti[proof.jti]
+    assert (p["purpose"], p["htm"], p["htu"]) == ("dpop_proof", "GET", "https://api.example.no/deft/x")
+    assert p["ath_present"] is True and p["nonce_present"] is False
+    refused = [
+        r for r in records if r["outcome"] == "refused" and r.get("caller") == "app-a" and r["purpose"] == "dpop_proof"
+    ]
+    assert refused and refused[-1]["status"] == "PERMISSION_DENIED" and refused[-1]["error"].startswith("htu:")
+    unauth = [r for r in records if r["status"] == "UNAUTHENTICATED"]
+    assert unauth and all(r["caller"] is None for r in unauth)
+    text = world["audit"].read_text()
+    assert "secret-token-value" not in text and assertion.jwt not in text and proof.jwt not in text
+    assert "eyJ" not in text  # no JWS or JWT of any kind
+
+
+def test_audit_failure_fails_closed(tmp_path, world):
+    """/dev/full refuses every write: nothing may be signed without its audit record."""
+    config = tmp_path / "signer.toml"
+    text = world["config"].read_text().replace(f'path = "{world["audit"]}"', 'path = "/dev/full"')
+    text = text.replace(f'path = "{world["socket"]}"', f'path = "{tmp_path / "s.sock"}"')
+    config.write_text(text)
+    conf = next(Path(world["config"]).parent.joinpath("token").glob("softhsm2.conf"))
+    with running_signer(config, env={"SOFTHSM2_CONF": str(conf)}) as address:
+        cert = world["certs"]["app-a"]
+        credentials = grpc.ssl_channel_credentials(world["ca"].cert_path.read_bytes(), cert.key, cert.cert)
+        with SignerClient(address, credentials=credentials) as a, pytest.raises(SignerError) as caught:
+            a.sign_client_assertion("a")
+    assert caught.value.code == grpc.StatusCode.UNAVAILABLE and "audit" in caught.value.details
