@@ -10,7 +10,7 @@ optional :class:`KeyCreator`, and independent verifiers.
 from __future__ import annotations
 
 import itertools
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import pytest
@@ -18,7 +18,7 @@ import pytest
 from helseid_signer.backends.base import KeyBackend
 from tests.support.softhsm import SoftHsmToken
 
-BACKENDS = ["pkcs11"]
+BACKENDS = ["pkcs11", "awskms"]
 
 
 @dataclass
@@ -49,6 +49,17 @@ def conformance_pkcs11(softhsm_token: SoftHsmToken, pkcs11_backend) -> BackendUn
         return pkcs11_backend.create_key(uri, spec).uri
 
     return BackendUnderTest("pkcs11", pkcs11_backend, make_key)
+
+
+@pytest.fixture(scope="session")
+def conformance_awskms() -> Iterator[BackendUnderTest]:
+    """AWS KMS through the real boto3, against the local endpoint (moto with a test-only
+    correction, tests/support/kms_endpoint.py), or real AWS KMS when
+    HELSEID_AWSKMS_TEST_REGION is set (docs/backends/aws-kms.md)."""
+    from tests.support.kms_endpoint import kms_conformance_target
+
+    with kms_conformance_target() as (backend, make_key, _where):
+        yield BackendUnderTest("awskms", backend, make_key)
 
 
 @pytest.fixture(scope="session", params=BACKENDS)

@@ -190,7 +190,7 @@ def test_unknown_top_level_section_refused(tmp_path: Path) -> None:
 
 
 def test_unknown_backend_section_refused(tmp_path: Path) -> None:
-    assert "backends.awskms: " in load_error(tmp_path, VALID + '\n[backends.awskms]\nregion = "eu-north-1"\n')
+    assert "backends.gcpkms: " in load_error(tmp_path, VALID + '\n[backends.gcpkms]\nregion = "eu-north-1"\n')
 
 
 @pytest.mark.parametrize("field", ["assertion_key", "dpop_key"])

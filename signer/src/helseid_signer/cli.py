@@ -15,7 +15,7 @@ from pathlib import Path
 
 from .algorithms import AlgorithmError, get_algorithm
 from .backends.base import KEY_SPECS, BackendError, KeyCreator, backend_class, scheme_of
-from .config import ConfigError, Pkcs11Settings, load_settings
+from .config import AwsKmsSettings, ConfigError, Pkcs11Settings, load_settings
 from .keys import KeyResolutionError, build_backends, resolve_keys
 
 
@@ -54,8 +54,12 @@ def _backend_for_create(args: argparse.Namespace):
                         update={"pin_file": str(Path(args.config).resolve().parent / options.pin_file)}
                     )
                 options = options.model_dump()
+            elif scheme == "awskms":
+                options = AwsKmsSettings.model_validate(options).model_dump()
         except (OSError, tomllib.TOMLDecodeError) as exc:
             raise ConfigError(f"{args.config}: {exc}") from None
+    elif scheme == "awskms":  # boto3's chain gives credentials and region (AWS_REGION)
+        options = {}
     else:
         if not args.module:
             raise ConfigError("keys create: give --config FILE, or --module PATH with --pin-env or --pin-file")
@@ -127,7 +131,7 @@ def main(argv: list[str] | None = None) -> int:
 
     keys = sub.add_parser("keys", help="key lifecycle").add_subparsers(dest="keys_command", required=True)
     p = keys.add_parser("create", help="create a non-exportable signing key and print its public JWK")
-    p.add_argument("--uri", required=True, help="key reference, e.g. pkcs11:token=helseid-dev;object=my-key")
+    p.add_argument("--uri", required=True, help="key reference: pkcs11:token=T;object=my-key, awskms:alias/my-key")
     p.add_argument("--spec", required=True, choices=KEY_SPECS)
     p.add_argument("--alg", help="check the new key fits this JWS alg and add it to the JWK")
     p.add_argument("--config", help="take backend settings from this TOML file's [backends] section")

@@ -193,10 +193,33 @@ class Pkcs11Settings(_Strict):
         return self
 
 
+class AwsKmsSettings(_Strict):
+    """``[backends.awskms]``: the AWS KMS client. Credentials never stand here: boto3's
+    standard chain finds them (environment, profile, instance or pod role). ``region``
+    defaults to that chain's (``AWS_REGION``); ``endpoint_url``: a VPC interface endpoint
+    or a local test endpoint (https; http only on loopback). ``retry_mode`` and
+    ``max_attempts`` (first attempt included) drive botocore's retries, always bounded by
+    the caller's deadline; timeouts are seconds per attempt. See docs/backends/aws-kms.md.
+    """
+
+    region: Annotated[str, Field(pattern=r"^[a-z]{2}(-[a-z]+)+-[0-9]+$")] | None = None
+    endpoint_url: str | None = None
+    retry_mode: Literal["standard", "adaptive"] = "standard"
+    max_attempts: Annotated[int, Field(ge=1, le=10, strict=True)] = 3
+    connect_timeout: Annotated[float, Field(gt=0, le=60)] = 2.0
+    read_timeout: Annotated[float, Field(gt=0, le=60)] = 5.0
+
+    @field_validator("endpoint_url")
+    @classmethod
+    def _endpoint(cls, value: str | None) -> str | None:
+        return None if value is None else check_endpoint_url(value)
+
+
 class BackendsSettings(_Strict):
     """``[backends]``: settings per backend scheme."""
 
     pkcs11: Pkcs11Settings | None = None
+    awskms: AwsKmsSettings | None = None
 
 
 class KeySettings(_Strict):
@@ -292,6 +315,8 @@ class Settings(_Strict):
             scheme = key.uri.partition(":")[0]
             if scheme == "pkcs11" and self.backends.pkcs11 is None:
                 raise ValueError(f"keys.{name}.uri: a pkcs11: key needs a [backends.pkcs11] section")
+            if scheme == "awskms" and self.backends.awskms is None:
+                raise ValueError(f"keys.{name}.uri: an awskms: key needs a [backends.awskms] section")
         return self
 
 

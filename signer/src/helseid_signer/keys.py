@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .algorithms import Algorithm, check_key_fits, get_algorithm
-from .backends.base import KeyBackend, ResolvedKey, backend_class, scheme_of
+from .backends.base import AlgChecker, KeyBackend, ResolvedKey, backend_class, scheme_of
 from .config import Settings
 from .jwt import json_b64, public_jwk, thumbprint
 
@@ -62,6 +62,8 @@ def make_signing_key(name: str, alg_name: str, backend: KeyBackend, resolved: Re
     """
     alg = get_algorithm(alg_name)
     check_key_fits(alg, resolved.public_key)
+    if isinstance(backend, AlgChecker):  # optional: the backend's own metadata (base.py)
+        backend.check_alg(resolved, alg)
     jwk = public_jwk(resolved.public_key)
     kid = thumbprint(jwk)
     return SigningKey(

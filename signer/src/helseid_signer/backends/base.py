@@ -117,10 +117,24 @@ class KeyCreator(Protocol):
         ...
 
 
+@runtime_checkable
+class AlgChecker(Protocol):
+    """Optional: a backend's own check that a resolved key may sign with ``alg``, beyond
+    :func:`~helseid_signer.algorithms.check_key_fits` (AWS KMS: the key's allowed
+    SigningAlgorithms). ``keys.make_signing_key`` calls it at start-up, before any
+    signature; it uses what ``resolve`` read and makes no backend call. A mismatch raises
+    AlgorithmError, which stops start-up."""
+
+    def check_alg(self, key: ResolvedKey, alg: Algorithm) -> None:
+        """Raise AlgorithmError if the key cannot sign with ``alg``."""
+        ...
+
+
 #: URI scheme -> "module:Class" of the backend; imported only when a key uses it, so the
 #: cloud SDKs need not be installed where they are not used.
 REGISTRY: dict[str, str] = {
     "pkcs11": "helseid_signer.backends.pkcs11:Pkcs11Backend",
+    "awskms": "helseid_signer.backends.aws_kms:AwsKmsBackend",
 }
 
 KEY_SPECS = ("RSA-2048", "RSA-3072", "RSA-4096", "EC-P256", "EC-P384", "EC-P521")
