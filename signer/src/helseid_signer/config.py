@@ -193,6 +193,40 @@ class Pkcs11Settings(_Strict):
         return self
 
 
+class AzureKvSettings(_Strict):
+    """``[backends.azurekv]``: how the Azure Key Vault backend authenticates and connects.
+
+    ``credential = "default"``: azure-identity's DefaultAzureCredential (workload identity,
+    managed identity, environment, Azure CLI). ``"certificate"``: a service principal's
+    client certificate for on-premises hosts (``tenant_id``, ``client_id``,
+    ``certificate_path``: PEM or PKCS#12 holding the private key; a password, if any, from
+    the environment variable ``certificate_password_env``). ``ca_bundle``: PEM CAs to trust
+    for the vault's TLS. ``verify_challenge_resource = false`` allows a vault host outside
+    the Azure Key Vault domains (tests). ``hsm_keys``: ``keys create`` makes RSA-HSM/EC-HSM
+    keys (always so in a Managed HSM). See docs/backends/azure-key-vault.md.
+    """
+
+    credential: Literal["default", "certificate"] = "default"
+    tenant_id: str | None = None
+    client_id: str | None = None
+    certificate_path: ConfigPath | None = None
+    certificate_password_env: str | None = None
+    ca_bundle: ConfigPath | None = None
+    verify_challenge_resource: Bool = True
+    hsm_keys: Bool = False
+
+    @model_validator(mode="after")
+    def _credential_fields(self) -> AzureKvSettings:
+        needed = ("tenant_id", "client_id", "certificate_path")
+        if self.credential == "certificate":
+            missing = [f for f in needed if not getattr(self, f)]
+            if missing:
+                raise ValueError(f"credential = 'certificate' needs {', '.join(missing)}")
+        elif any(getattr(self, f) for f in (*needed, "certificate_password_env")):
+            raise ValueError(f"{', '.join(needed)} and certificate_password_env need credential = 'certificate'")
+        return self
+
+
 class AwsKmsSettings(_Strict):
     """``[backends.awskms]``: the AWS KMS client. Credentials never stand here: boto3's
     standard chain finds them (environment, profile, instance or pod role). ``region``
@@ -220,6 +254,7 @@ class BackendsSettings(_Strict):
 
     pkcs11: Pkcs11Settings | None = None
     awskms: AwsKmsSettings | None = None
+    azurekv: AzureKvSettings | None = None
 
 
 class KeySettings(_Strict):
@@ -317,6 +352,8 @@ class Settings(_Strict):
                 raise ValueError(f"keys.{name}.uri: a pkcs11: key needs a [backends.pkcs11] section")
             if scheme == "awskms" and self.backends.awskms is None:
                 raise ValueError(f"keys.{name}.uri: an awskms: key needs a [backends.awskms] section")
+            if scheme == "azurekv" and self.backends.azurekv is None:
+                raise ValueError(f"keys.{name}.uri: an azurekv: key needs a [backends.azurekv] section")
         return self
 
 

@@ -134,6 +134,7 @@ class AlgChecker(Protocol):
 #: cloud SDKs need not be installed where they are not used.
 REGISTRY: dict[str, str] = {
     "pkcs11": "helseid_signer.backends.pkcs11:Pkcs11Backend",
+    "azurekv": "helseid_signer.backends.azure_kv:AzureKvBackend",
     "awskms": "helseid_signer.backends.aws_kms:AwsKmsBackend",
 }
 

@@ -1,0 +1,652 @@
+"""Azure Key Vault backend (azure-keyvault-keys): keys in a vault or a Managed HSM.
+
+Key references are key URLs, with or without a version::
+
+    azurekv:https://myvault.vault.azure.net/keys/deft-assertion
+    azurekv:https://myvault.vault.azure.net/keys/deft-assertion/9885aa558e8d448789683188f8c194b0
+    azurekv:https://myhsm.managedhsm.azure.net/keys/deft-assertion
+
+Versions (bug-kinds 12): :meth:`AzureKvBackend.resolve` pins a versionless reference to
+the version that is current when configuration is loaded; ``ResolvedKey.version`` is that
+versioned key URL and ``ResolvedKey.public_key`` that version's public key, so ``kid``
+describes it. Every signature is made by a CryptographyClient bound to the versioned URL,
+and the ``kid`` in the vault's reply is checked against it: a cached public key never
+describes a different version than the one that signed. A version created later never
+signs by itself; :meth:`AzureKvBackend.newer_version` reports it (log line; the service
+can show it in health detail). A versionless reference pins the CURRENT version at each
+start, so a restart after a rotation in the vault pins the new one: production
+configuration should name the versioned URL (a warning is logged otherwise).
+
+Signing (bug-kinds 1, 5, 6): the vault gets the SHA-2 digest of the JWS signing input
+(``CryptographyClient.sign(alg, digest)``), never the message. Azure's ES* result is
+already JOSE ``R || S`` and is returned as it is (no DER conversion); its width is checked
+(64/96/132 bytes; RSA: the modulus length). ``alg`` comes from configuration.
+
+Errors and throttling (bug-kinds 24): azure-core's RetryPolicy retries 429 (honouring
+``Retry-After``), 408/5xx and connection errors, with jittered exponential backoff, but
+never past the caller's deadline: a retry whose wait would end after the deadline is not
+made, and each attempt's connect and read timeouts are cut to the time left. Without a
+deadline a default budget applies (:data:`DEFAULT_BUDGET_S`), so no loop is unbounded.
+Mapped to typed errors: 429 after the retries -> BackendThrottledError
+(RESOURCE_EXHAUSTED); 401/403 -> KeyAccessDeniedError (FAILED_PRECONDITION) naming the
+role; 404 -> KeyNotFoundError; unreachable, 5xx, timeouts -> BackendUnavailableError
+(UNAVAILABLE); other 4xx -> BackendConfigError.
+
+Tests run against a local stand-in of the REST API (``tests/support/azure_kv_standin.py``);
+this backend has NOT been run against a real vault (docs/backends/azure-key-vault.md).
+"""
+
+from __future__ import annotations
+
+import contextvars
+import hashlib
+import logging
+import os
+import random
+import re
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any, ClassVar
+from urllib.parse import urlsplit
+
+from azure.core.exceptions import (
+    AzureError,
+    ClientAuthenticationError,
+    HttpResponseError,
+    ResourceNotFoundError,
+    ServiceRequestError,
+    ServiceResponseError,
+)
+from azure.core.pipeline import PipelineResponse
+from azure.core.pipeline.policies import CustomHookPolicy, RetryPolicy
+from azure.keyvault.keys import KeyClient, KeyVaultKey
+from azure.keyvault.keys.crypto import CryptographyClient, SignatureAlgorithm
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from pydantic import ValidationError
+
+from ..algorithms import CURVES, Algorithm, AlgorithmError, KeyType, PublicKey, check_key_fits
+from ..config import AzureKvSettings
+from .base import (
+    KEY_SPECS,
+    BackendConfigError,
+    BackendError,
+    BackendThrottledError,
+    BackendUnavailableError,
+    KeyAccessDeniedError,
+    KeyNotFoundError,
+    ResolvedKey,
+)
+
+log = logging.getLogger(__name__)
+
+#: Time budget (seconds) of a call made without a caller deadline (resolve, create, or a
+#: sign without one): retries stop when it is spent.
+DEFAULT_BUDGET_S = 15.0
+#: Per-attempt timeouts before the deadline cuts them (seconds).
+CONNECT_TIMEOUT_S = 5.0
+READ_TIMEOUT_S = 10.0
+#: A retry is not started with less than this left before the deadline (seconds).
+MIN_ATTEMPT_S = 0.05
+
+#: Host suffixes of Azure Key Vault vaults and Managed HSMs (public, China, US Gov clouds).
+VAULT_SUFFIXES = (".vault.azure.net", ".vault.azure.cn", ".vault.usgovcloudapi.net", ".vault.microsoftazure.de")
+MANAGED_HSM_SUFFIXES = (
+    ".managedhsm.azure.net",
+    ".managedhsm.azure.cn",
+    ".managedhsm.usgovcloudapi.net",
+    ".managedhsm.microsoftazure.de",
+)
+_NAME_RE = re.compile(r"[0-9A-Za-z-]{1,127}")
+_VERSION_RE = re.compile(r"[0-9A-Za-z]{1,64}")
+
+ROLE_HINT = (
+    "the service's identity needs the Azure role 'Key Vault Crypto User' on the key or vault "
+    "(or, with vault access policies, the key permissions get and sign)"
+)
+CREATE_ROLE_HINT = (
+    "creating keys needs the Azure role 'Key Vault Crypto Officer' (or the key permissions get and create)"
+)
+HSM_ROLE_HINT = (
+    "the service's identity needs the Managed HSM local role 'Managed HSM Crypto User' on the key "
+    "(in a Managed HSM, the vault roles such as 'Key Vault Crypto User' do not apply)"
+)
+HSM_CREATE_ROLE_HINT = "creating keys in a Managed HSM needs the local role 'Managed HSM Crypto Officer'"
+
+_KTY_FAMILY = {"RSA": KeyType.RSA, "RSA-HSM": KeyType.RSA, "EC": KeyType.EC, "EC-HSM": KeyType.EC}
+
+#: The caller's deadline (``time.monotonic()`` seconds) of the call in progress on this
+#: thread; read by the retry and timeout policies below.
+_DEADLINE: contextvars.ContextVar[float | None] = contextvars.ContextVar("azurekv_deadline", default=None)
+
+
+@dataclass(frozen=True)
+class AzureKeyRef:
+    """A parsed ``azurekv:`` reference.
+
+    Attributes:
+        vault_url: ``https://host[:port]`` (host lower-case).
+        name: the key name.
+        version: the key version, or None (the current version at resolve time).
+        managed_hsm: the host is a Managed HSM (keys are always HSM keys there).
+    """
+
+    vault_url: str
+    name: str
+    version: str | None
+    managed_hsm: bool
+
+    @classmethod
+    def parse(cls, uri: str, *, any_host: bool = False) -> AzureKeyRef:
+        """Parse ``uri``; BackendConfigError naming the problem if it is not usable.
+
+        The host must be a Key Vault or Managed HSM host unless ``any_host`` (the backend's
+        ``verify_challenge_resource = false``, for tests and private stand-ins).
+        """
+        if not uri.startswith("azurekv:"):
+            raise BackendConfigError(f"{uri!r} is not an azurekv: key reference")
+        url = uri[len("azurekv:") :]
+        if any(c <= " " or c == "\x7f" for c in url):
+            raise BackendConfigError(f"azurekv reference {uri!r} contains spaces or control characters")
+        parts = urlsplit(url)
+        if parts.scheme != "https" or not parts.hostname:
+            raise BackendConfigError(f"azurekv reference {uri!r}: the key URL must start with https://")
+        if parts.username is not None or parts.password is not None or parts.query or parts.fragment:
+            raise BackendConfigError(f"azurekv reference {uri!r}: no userinfo, query or fragment in the key URL")
+        try:
+            port = parts.port
+        except ValueError:
+            raise BackendConfigError(f"azurekv reference {uri!r} has an invalid port") from None
+        host = parts.hostname.lower()
+        managed_hsm = host.endswith(MANAGED_HSM_SUFFIXES)
+        if not (managed_hsm or host.endswith(VAULT_SUFFIXES) or any_host):
+            raise BackendConfigError(
+                f"azurekv reference {uri!r}: {host} is not a Key Vault host (*{VAULT_SUFFIXES[0]}) "
+                f"or a Managed HSM (*{MANAGED_HSM_SUFFIXES[0]})"
+            )
+        segments = parts.path.split("/")[1:]
+        if len(segments) not in (2, 3) or segments[0] != "keys" or not _NAME_RE.fullmatch(segments[1]):
+            raise BackendConfigError(
+                f"azurekv reference {uri!r}: the path must be /keys/<name> or /keys/<name>/<version> "
+                "(name: letters, digits and '-')"
+            )
+        version = segments[2] if len(segments) == 3 else None
+        if version is not None and not _VERSION_RE.fullmatch(version):
+            raise BackendConfigError(f"azurekv reference {uri!r}: {version!r} is not a key version")
+        vault_url = f"https://{host}" + (f":{port}" if port is not None and port != 443 else "")
+        return cls(vault_url=vault_url, name=segments[1], version=version, managed_hsm=managed_hsm)
+
+    def key_url(self, version: str | None = None) -> str:
+        v = version or self.version
+        return f"{self.vault_url}/keys/{self.name}" + (f"/{v}" if v else "")
+
+
+@dataclass(frozen=True)
+class _Handle:
+    """Backend-private state of a resolved key."""
+
+    ref: AzureKeyRef
+    version: str
+    kid: str
+    kty: str
+    key_ops: frozenset[str]
+    client: CryptographyClient
+
+
+class DeadlineRetryPolicy(RetryPolicy):
+    """azure-core's RetryPolicy, bounded by the call's deadline and jittered.
+
+    * The wait before a retry is ``Retry-After`` when the service sent one (+0-10 % jitter),
+      otherwise exponential backoff with jitter (50-100 % of ``backoff_factor * 2**n``,
+      at most ``backoff_max``).
+    * A retry is not made when its wait would end within :data:`MIN_ATTEMPT_S` of the
+      deadline: the last response (e.g. the 429) or error is returned at once instead.
+    * The retry policy's total ``timeout`` is the time left to the deadline.
+
+    Only public RetryPolicy methods are overridden (configure_retries, increment, sleep).
+    """
+
+    def __init__(self, **kwargs: Any) -> None:
+        kwargs.setdefault("retry_total", 8)
+        kwargs.setdefault("retry_connect", 3)
+        kwargs.setdefault("retry_read", 2)
+        kwargs.setdefault("retry_status", 8)
+        kwargs.setdefault("retry_backoff_factor", 0.25)
+        kwargs.setdefault("retry_backoff_max", 4)
+        super().__init__(**kwargs)
+        self.retries = 0  # counters for metrics / health detail
+        self.throttled = 0
+        self._count_lock = threading.Lock()
+
+    def configure_retries(self, options: dict[str, Any]) -> dict[str, Any]:
+        settings = super().configure_retries(options)
+        deadline = _DEADLINE.get()
+        settings["deadline"] = deadline
+        if deadline is not None:
+            settings["timeout"] = max(0.001, deadline - time.monotonic())
+        return settings
+
+    def increment(self, settings: dict[str, Any], response: Any = None, error: Any = None) -> bool:
+        status = None
+        if isinstance(response, PipelineResponse):
+            status = response.http_response.status_code
+            if status == 429:
+                with self._count_lock:
+                    self.throttled += 1
+        if not super().increment(settings, response=response, error=error):
+            return False
+        retry_after = self.get_retry_after(response) if isinstance(response, PipelineResponse) else None
+        if retry_after:
+            delay = retry_after * random.uniform(1.0, 1.1)
+        else:
+            delay = self.get_backoff_time(settings) * random.uniform(0.5, 1.0)
+        deadline = settings.get("deadline")
+        if deadline is not None and time.monotonic() + delay > deadline - MIN_ATTEMPT_S:
+            log.debug("azurekv: no retry (status %s): waiting %.2fs would pass the deadline", status, delay)
+            return False
+        settings["next_delay"] = delay
+        with self._count_lock:
+            self.retries += 1
+        return True
+
+    def sleep(self, settings: dict[str, Any], transport: Any, response: Any = None) -> None:
+        delay = settings.pop("next_delay", None)
+        if delay is None:
+            super().sleep(settings, transport, response=response)
+        elif delay > 0:
+            transport.sleep(delay)
+
+
+class DeadlineTimeoutPolicy(CustomHookPolicy):
+    """Runs before every attempt (after the retry and authentication policies): cuts the
+    attempt's connect and read timeouts to the time left before the deadline."""
+
+    def on_request(self, request: Any) -> None:
+        super().on_request(request)
+        deadline = _DEADLINE.get()
+        options = request.context.options
+        if deadline is None:
+            return
+        left = max(0.001, deadline - time.monotonic())
+        options["connection_timeout"] = min(options.get("connection_timeout", CONNECT_TIMEOUT_S), left)
+        options["read_timeout"] = min(options.get("read_timeout", READ_TIMEOUT_S), left)
+
+
+class AzureKvBackend:
+    """Keys in Azure Key Vault or a Managed HSM. See the module docstring.
+
+    Keyword args are the fields of :class:`~helseid_signer.config.AzureKvSettings`
+    (``[backends.azurekv]``), plus ``token_credential``: an object with ``get_token`` to
+    use instead of the configured credential (tests, or an embedding application).
+
+    Raises BackendConfigError for invalid settings or an unusable client certificate.
+    """
+
+    scheme: ClassVar[str] = "azurekv"
+
+    def __init__(self, *, token_credential: Any = None, **settings: Any) -> None:
+        try:
+            self.settings = AzureKvSettings.model_validate(settings)
+        except ValidationError as exc:
+            problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
+            raise BackendConfigError(f"[backends.azurekv]: {problems}") from None
+        self._credential = token_credential if token_credential is not None else self._make_credential()
+        self._key_clients: dict[str, KeyClient] = {}
+        self._crypto_clients: dict[str, CryptographyClient] = {}  # versioned key URL -> client
+        self._policies: list[DeadlineRetryPolicy] = []
+        self._lock = threading.Lock()
+        self._healthy = True
+        self._reported_newer: dict[str, str] = {}
+        http_log = logging.getLogger("azure.core.pipeline.policies.http_logging_policy")
+        if http_log.level == logging.NOTSET:  # one INFO line per HTTP request otherwise
+            http_log.setLevel(logging.WARNING)
+
+    def _make_credential(self) -> Any:
+        s = self.settings
+        try:
+            if s.credential == "certificate":
+                from azure.identity import CertificateCredential
+
+                password = None
+                if s.certificate_password_env:
+                    password = os.environ.get(s.certificate_password_env)
+                    if password is None:
+                        raise BackendConfigError(
+                            f"environment variable {s.certificate_password_env} (the certificate password) is not set"
+                        )
+                return CertificateCredential(
+                    s.tenant_id, s.client_id, s.certificate_path, password=password.encode() if password else None
+                )
+            from azure.identity import DefaultAzureCredential
+
+            return DefaultAzureCredential()
+        except (ValueError, OSError) as exc:
+            raise BackendConfigError(f"[backends.azurekv]: cannot set up the {s.credential} credential: {exc}") from exc
+
+    def _client_options(self) -> dict[str, Any]:
+        policy = DeadlineRetryPolicy()
+        self._policies.append(policy)
+        options: dict[str, Any] = {
+            "retry_policy": policy,
+            "custom_hook_policy": DeadlineTimeoutPolicy(),
+            "verify_challenge_resource": self.settings.verify_challenge_resource,
+            "connection_timeout": CONNECT_TIMEOUT_S,
+            "read_timeout": READ_TIMEOUT_S,
+        }
+        if self.settings.ca_bundle:
+            options["connection_verify"] = self.settings.ca_bundle
+        return options
+
+    def _key_client(self, vault_url: str) -> KeyClient:
+        with self._lock:
+            client = self._key_clients.get(vault_url)
+            if client is None:
+                client = KeyClient(vault_url, self._credential, **self._client_options())
+                self._key_clients[vault_url] = client
+            return client
+
+    def parse(self, uri: str) -> AzureKeyRef:
+        """Parse a reference under this backend's host rule (see :meth:`AzureKeyRef.parse`)."""
+        return AzureKeyRef.parse(uri, any_host=not self.settings.verify_challenge_resource)
+
+    # -- KeyBackend -----------------------------------------------------------------
+
+    def resolve(self, uri: str, deadline: float | None = None) -> ResolvedKey:
+        """Pin ``uri`` to one key version: the named one, or the current one for a
+        versionless reference. Checks the key is enabled, allows ``sign`` and is RSA or EC
+        on P-256/P-384/P-521."""
+        ref = self.parse(uri)
+        with self._deadline(deadline):
+            try:
+                key = self._key_client(ref.vault_url).get_key(ref.name, ref.version)
+            except Exception as exc:
+                raise self._error(exc, f"reading key {ref.key_url()}", hsm=ref.managed_hsm) from exc
+        resolved = self._resolved(uri, ref, key)
+        if ref.version is None:
+            log.warning(
+                "azurekv: %s has no version; pinned to %s until restart. A restart after a new version "
+                "appears pins that one: name the versioned URL in production configuration",
+                uri,
+                resolved.version,
+            )
+        return resolved
+
+    def _resolved(self, uri: str, ref: AzureKeyRef, key: KeyVaultKey) -> ResolvedKey:
+        if not key.id:
+            raise BackendUnavailableError(f"the vault returned no key id for {ref.key_url()}")
+        version = key.properties.version or ""
+        if not version or (ref.version is not None and version != ref.version):
+            raise BackendUnavailableError(
+                f"asked for {ref.key_url()}, the vault answered with {key.id}: refusing a key of another version"
+            )
+        kty = str(key.key_type.value if hasattr(key.key_type, "value") else key.key_type)
+        key_ops = frozenset(str(getattr(op, "value", op)) for op in (key.key_operations or ()))
+        if key.properties.enabled is False:
+            raise KeyAccessDeniedError(f"key {key.id} is disabled in the vault")
+        if "sign" not in key_ops:
+            raise BackendConfigError(f"key {key.id} does not allow the sign operation (key_ops {sorted(key_ops)})")
+        public_key = _public_key(key)
+        with self._lock:  # one client per key version, however often it is resolved
+            client = self._crypto_clients.get(key.id)
+            if client is None:
+                client = CryptographyClient(key, self._credential, **self._client_options())
+                self._crypto_clients[key.id] = client
+        handle = _Handle(ref=ref, version=version, kid=key.id, kty=kty, key_ops=key_ops, client=client)
+        return ResolvedKey(uri=uri, version=key.id, public_key=public_key, handle=handle)
+
+    def check_alg(self, key: ResolvedKey, alg: Algorithm) -> None:
+        """Refuse ``alg`` for this key before any call: key family (RSA/RSA-HSM vs EC/EC-HSM),
+        curve and size as :func:`check_key_fits`, and ``sign`` among the key's operations.
+        Raises AlgorithmError."""
+        handle: _Handle = key.handle
+        if _KTY_FAMILY.get(handle.kty) is not alg.kty:
+            raise AlgorithmError(f"alg {alg.name} needs an {alg.kty.value} key, {handle.kid} is {handle.kty}")
+        check_key_fits(alg, key.public_key)
+        if "sign" not in handle.key_ops:
+            raise AlgorithmError(f"key {handle.kid} does not allow the sign operation")
+
+    def sign(self, key: ResolvedKey, alg: Algorithm, signing_input: bytes, deadline: float | None = None) -> bytes:
+        """Sign the digest of ``signing_input`` with the pinned version; JOSE bytes back.
+
+        ``deadline``: ``time.monotonic()`` seconds by which the answer is needed; retries
+        (429 with Retry-After, 5xx, connection errors) stop before it. None: the default
+        budget. Raises BackendThrottledError, KeyAccessDeniedError, KeyNotFoundError,
+        BackendUnavailableError.
+        """
+        handle: _Handle = key.handle
+        digest = hashlib.new(alg.hash_name, signing_input).digest()
+        seen: list[Any] = []
+
+        def keep(_pipeline_response: Any, deserialized: Any, _headers: Any) -> Any:
+            seen.append(deserialized)
+            return deserialized
+
+        with self._deadline(deadline):
+            try:
+                result = handle.client.sign(
+                    SignatureAlgorithm(alg.name),
+                    digest,
+                    cls=keep,
+                    retry_on_methods=frozenset({"GET", "POST"}),  # signing again is harmless
+                )
+            except Exception as exc:
+                error = self._error(exc, f"signing with {handle.kid}", hsm=handle.ref.managed_hsm)
+                if not isinstance(error, BackendThrottledError):
+                    self._healthy = False
+                raise error from exc
+        signed_by = getattr(seen[0], "kid", None) if seen else None
+        if signed_by is not None and not _same_key_version(signed_by, handle):
+            self._healthy = False
+            raise BackendUnavailableError(f"asked {handle.kid} to sign, the vault answered for {signed_by}: refused")
+        signature = bytes(result.signature)
+        expected = alg.signature_size or (key.public_key.key_size + 7) // 8
+        if len(signature) != expected:
+            self._healthy = False
+            raise BackendUnavailableError(
+                f"the vault returned a {len(signature)}-byte {alg.name} signature, {expected} expected"
+            )
+        self._healthy = True
+        return signature
+
+    def health(self) -> bool:
+        """False after a failed call (other than throttling) until a signature succeeds."""
+        return self._healthy
+
+    def close(self) -> None:
+        with self._lock:
+            clients = [*self._crypto_clients.values(), *self._key_clients.values()]
+            self._crypto_clients.clear()
+            self._key_clients.clear()
+        for client in clients:
+            try:
+                client.close()
+            except Exception:  # noqa: BLE001 - closing is best effort
+                log.debug("azurekv: closing a client failed", exc_info=True)
+        close = getattr(self._credential, "close", None)
+        if callable(close):
+            try:
+                close()
+            except Exception:  # noqa: BLE001
+                log.debug("azurekv: closing the credential failed", exc_info=True)
+
+    # -- versions -------------------------------------------------------------------
+
+    def newer_version(self, key: ResolvedKey, deadline: float | None = None) -> str | None:
+        """The versioned URL of the vault's current version of ``key`` when it is not the
+        pinned one (a rotation happened since resolve), else None. Logged once per new
+        version as a warning: the new version never signs until configuration names it.
+        Raises BackendError subclasses when the vault cannot be asked."""
+        handle: _Handle = key.handle
+        with self._deadline(deadline):
+            try:
+                current = self._key_client(handle.ref.vault_url).get_key(handle.ref.name)
+            except Exception as exc:
+                raise self._error(
+                    exc, f"reading the current version of {handle.ref.key_url()}", hsm=handle.ref.managed_hsm
+                ) from exc
+        current_version = current.properties.version
+        if current_version is None or current_version == handle.version:
+            return None
+        if self._reported_newer.get(handle.kid) != current.id:
+            self._reported_newer[handle.kid] = str(current.id)
+            log.warning(
+                "azurekv: %s has a newer version %s; signing continues with the pinned %s until the "
+                "configuration names the new one (HelseID must have it registered first)",
+                key.uri,
+                current.id,
+                handle.kid,
+            )
+        return str(current.id)
+
+    # -- KeyCreator -----------------------------------------------------------------
+
+    def create_key(self, uri: str, key_spec: str) -> ResolvedKey:
+        """Create a non-exportable key (key_ops sign and verify only) named by the
+        versionless ``uri``. ``key_spec``: RSA-2048/3072/4096 or EC-P256/P384/P521; an HSM
+        key type (RSA-HSM/EC-HSM) with ``hsm_keys = true`` or in a Managed HSM. Refuses a
+        name that exists (creating again would add a version to that key)."""
+        if key_spec not in KEY_SPECS:
+            raise BackendConfigError(f"key spec {key_spec!r} is not one of {', '.join(KEY_SPECS)}")
+        ref = self.parse(uri)
+        if ref.version is not None:
+            raise BackendConfigError(f"keys create needs a key URL without a version, got {uri!r}")
+        kind, _, size = key_spec.partition("-")
+        hsm = self.settings.hsm_keys or ref.managed_hsm
+        kty = kind + ("-HSM" if hsm else "")
+        client = self._key_client(ref.vault_url)
+        with self._deadline(None):
+            try:
+                client.get_key(ref.name)
+            except ResourceNotFoundError:
+                pass
+            except Exception as exc:
+                raise self._error(
+                    exc, f"checking whether {ref.key_url()} exists", create=True, hsm=ref.managed_hsm
+                ) from exc
+            else:
+                raise BackendConfigError(
+                    f"key {ref.key_url()} already exists; creating it again would add a version to it. "
+                    "Choose a new name (or rotate it deliberately in Azure)"
+                )
+        options: dict[str, Any] = {"key_operations": ["sign", "verify"], "exportable": False, "enabled": True}
+        if kind == "RSA":
+            options["size"] = int(size)
+        else:
+            options["curve"] = CURVES["P-" + size[1:]].name
+        with self._deadline(None):
+            try:
+                key = client.create_key(ref.name, kty, **options)
+            except Exception as exc:
+                raise self._error(exc, f"creating {ref.key_url()}", create=True, hsm=ref.managed_hsm) from exc
+        log.info("azurekv: created %s (%s %s)", key.id, kty, key_spec)
+        return self._resolved(uri, ref, key)
+
+    # -- helpers --------------------------------------------------------------------
+
+    @staticmethod
+    def _deadline(deadline: float | None) -> _DeadlineScope:
+        return _DeadlineScope(deadline if deadline is not None else time.monotonic() + DEFAULT_BUDGET_S)
+
+    @property
+    def counters(self) -> dict[str, int]:
+        """Retries made and 429 answers seen, over all clients of this backend."""
+        return {
+            "retries": sum(p.retries for p in self._policies),
+            "throttled": sum(p.throttled for p in self._policies),
+        }
+
+    def _error(self, exc: Exception, what: str, *, create: bool = False, hsm: bool = False) -> BackendError:
+        """Map an azure-core / azure-identity exception to a typed backend error."""
+        if isinstance(exc, BackendError):
+            return exc
+        hint = {
+            (False, False): ROLE_HINT,
+            (True, False): CREATE_ROLE_HINT,
+            (False, True): HSM_ROLE_HINT,
+            (True, True): HSM_CREATE_ROLE_HINT,
+        }[(create, hsm)]
+        if isinstance(exc, HttpResponseError) and exc.status_code is not None:
+            status = exc.status_code
+            detail = _service_message(exc)
+            if status == 429:
+                return BackendThrottledError(f"{what}: the vault is throttling (HTTP 429) past the deadline: {detail}")
+            if status in (401, 403):
+                return KeyAccessDeniedError(f"{what}: access denied (HTTP {status}): {hint}. Vault said: {detail}")
+            if status == 404:
+                return KeyNotFoundError(f"{what}: no such key (HTTP 404): {detail}")
+            if status in (408,) or status >= 500:
+                return BackendUnavailableError(f"{what}: the vault answered HTTP {status}: {detail}")
+            return BackendConfigError(f"{what}: the vault refused the request (HTTP {status}): {detail}")
+        if isinstance(exc, ClientAuthenticationError):  # no token: no usable identity, or Entra ID refused it
+            return KeyAccessDeniedError(f"{what}: could not authenticate to Azure: {exc}; {hint}")
+        if isinstance(exc, ServiceRequestError | ServiceResponseError):
+            return BackendUnavailableError(f"{what}: the vault cannot be reached: {type(exc).__name__}: {exc}")
+        if isinstance(exc, AzureError):
+            return BackendUnavailableError(f"{what}: {type(exc).__name__}: {exc}")
+        return BackendUnavailableError(f"{what}: unexpected {type(exc).__name__}: {exc}")
+
+
+class _DeadlineScope:
+    """Sets the deadline the retry and timeout policies read, for one call on this thread."""
+
+    def __init__(self, deadline: float) -> None:
+        self.deadline = deadline
+        self._token: contextvars.Token[float | None] | None = None
+
+    def __enter__(self) -> _DeadlineScope:
+        if self.deadline - time.monotonic() < MIN_ATTEMPT_S:
+            raise BackendUnavailableError("the caller's deadline has passed before the vault was asked")
+        self._token = _DEADLINE.set(self.deadline)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        assert self._token is not None
+        _DEADLINE.reset(self._token)
+
+
+def _same_key_version(kid: str, handle: _Handle) -> bool:
+    """Whether the ``kid`` a reply names is the pinned key version (names compare
+    case-insensitively, as the vault treats them; versions exactly)."""
+    segments = urlsplit(kid).path.split("/")[1:]
+    return (
+        len(segments) == 3
+        and segments[0] == "keys"
+        and segments[1].lower() == handle.ref.name.lower()
+        and segments[2] == handle.version
+    )
+
+
+def _service_message(exc: HttpResponseError) -> str:
+    error = getattr(exc, "error", None)
+    code = getattr(error, "code", None)
+    message = getattr(error, "message", None)
+    if code or message:
+        return f"{code}: {message}"
+    return str(exc.reason or exc)
+
+
+def _public_key(key: KeyVaultKey) -> PublicKey:
+    """The ``cryptography`` public key of a KeyVaultKey; BackendConfigError for key types
+    and curves HelseID does not allow."""
+    jwk = key.key
+    kty = str(getattr(jwk.kty, "value", jwk.kty))
+    family = _KTY_FAMILY.get(kty)
+    if family is KeyType.RSA:
+        if not jwk.n or not jwk.e:
+            raise BackendUnavailableError(f"the vault returned RSA key {key.id} without n or e")
+        return rsa.RSAPublicNumbers(int.from_bytes(jwk.e, "big"), int.from_bytes(jwk.n, "big")).public_key()
+    if family is KeyType.EC:
+        crv = str(getattr(jwk.crv, "value", jwk.crv))
+        curve = CURVES.get(crv)
+        if curve is None:
+            raise BackendConfigError(f"key {key.id} is on curve {crv}; HelseID allows P-256, P-384 and P-521")
+        if not jwk.x or not jwk.y or len(jwk.x) > curve.size or len(jwk.y) > curve.size:
+            raise BackendUnavailableError(f"the vault returned malformed EC coordinates for {key.id}")
+        try:
+            numbers = ec.EllipticCurvePublicNumbers(
+                int.from_bytes(jwk.x, "big"), int.from_bytes(jwk.y, "big"), curve.crypto()
+            )
+            return numbers.public_key()
+        except ValueError as exc:
+            raise BackendUnavailableError(f"the vault returned an invalid EC point for {key.id}: {exc}") from exc
+    raise BackendConfigError(f"key {key.id} has type {kty}; a signing key must be RSA, RSA-HSM, EC or EC-HSM")
