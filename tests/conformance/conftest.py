@@ -18,7 +18,7 @@ import pytest
 from helseid_signer.backends.base import KeyBackend
 from tests.support.softhsm import SoftHsmToken
 
-BACKENDS = ["pkcs11", "awskms"]
+BACKENDS = ["pkcs11", "awskms", "azurekv"]
 
 
 @dataclass
@@ -60,6 +60,16 @@ def conformance_awskms() -> Iterator[BackendUnderTest]:
 
     with kms_conformance_target() as (backend, make_key, _where):
         yield BackendUnderTest("awskms", backend, make_key)
+
+
+@pytest.fixture(scope="session")
+def conformance_azurekv(tmp_path_factory: pytest.TempPathFactory) -> Iterator[BackendUnderTest]:
+    """Azure Key Vault through the real SDK, against the local stand-in of the REST API, or
+    the real vault named by HELSEID_AZUREKV_TEST_VAULT (docs/backends/azure-key-vault.md)."""
+    from tests.support.azure_kv_kit import conformance_target
+
+    with conformance_target(tmp_path_factory.mktemp("azurekv")) as (backend, make_key, _where):
+        yield BackendUnderTest("azurekv", backend, make_key)
 
 
 @pytest.fixture(scope="session", params=BACKENDS)
