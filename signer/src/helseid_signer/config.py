@@ -230,8 +230,9 @@ class AzureKvSettings(_Strict):
 class AwsKmsSettings(_Strict):
     """``[backends.awskms]``: the AWS KMS client. Credentials never stand here: boto3's
     standard chain finds them (environment, profile, instance or pod role). ``region``
-    defaults to that chain's (``AWS_REGION``); ``endpoint_url``: a VPC interface endpoint
-    or a local test endpoint (https; http only on loopback). ``retry_mode`` and
+    defaults to that chain's (``AWS_DEFAULT_REGION``, the profile), then ``AWS_REGION``;
+    ``endpoint_url``: a VPC interface endpoint or a local test endpoint (https; http only
+    on loopback). ``retry_mode`` and
     ``max_attempts`` (first attempt included) drive botocore's retries, always bounded by
     the caller's deadline; timeouts are seconds per attempt. See docs/backends/aws-kms.md.
     """

@@ -50,6 +50,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import logging
+import os
 import re
 import threading
 import time
@@ -224,7 +225,8 @@ class AwsKmsBackend:
     """Keys in AWS KMS. See the module docstring for references, pinning, algorithms, errors.
 
     Args:
-        region: AWS region; None takes it from boto3's chain (``AWS_REGION``, profile).
+        region: AWS region; None takes it from boto3's chain (``AWS_DEFAULT_REGION``, the
+            profile), else from ``AWS_REGION``.
         endpoint_url: KMS endpoint URL (a VPC interface endpoint, or a local test endpoint);
             None: the region's public endpoint (or ``AWS_ENDPOINT_URL_KMS``).
         retry_mode: botocore retry mode, ``standard`` or ``adaptive`` (client-side rate
@@ -255,14 +257,21 @@ class AwsKmsBackend:
             max_pool_connections=max_concurrency,
             user_agent_extra="helseid-signer",
         )
-        try:
-            self._client: Any = boto3.session.Session().client(
-                "kms", region_name=region, endpoint_url=endpoint_url, config=config
-            )
-        except NoRegionError:
+        # botocore's chain reads AWS_DEFAULT_REGION and the profile; AWS_REGION (set by most
+        # AWS runtimes and the newer SDKs) is the last resort.
+        for name in (region, os.environ.get("AWS_REGION")):
+            try:
+                self._client: Any = boto3.session.Session().client(
+                    "kms", region_name=name or region, endpoint_url=endpoint_url, config=config
+                )
+                break
+            except NoRegionError:
+                continue
+        else:
             raise BackendConfigError(
-                "AWS KMS: no region: set region in [backends.awskms], or AWS_REGION in the environment"
-            ) from None
+                "AWS KMS: no region: set region in [backends.awskms], or AWS_DEFAULT_REGION (or AWS_REGION) "
+                "in the environment"
+            )
         self.region: str = self._client.meta.region_name
         self.endpoint_url: str = self._client.meta.endpoint_url
         self._executor = ThreadPoolExecutor(max_workers=max_concurrency, thread_name_prefix="awskms")
