@@ -54,6 +54,9 @@ HASHES = {"sha256": hashes.SHA256, "sha384": hashes.SHA384, "sha512": hashes.SHA
 ES_WIDTH = {"ES256": 32, "ES384": 48, "ES512": 66}
 SPEC_FOR = {"ES256": "EC-P256", "ES384": "EC-P384", "ES512": "EC-P521", "RS256": "RSA-2048", "PS256": "RSA-2048"}
 _names = itertools.count()
+#: What a call may overrun its deadline by on a loaded 2-core machine (the last attempt's
+#: timeouts end at the deadline; returning and raising take the rest).
+SLACK_S = 0.5
 
 
 @pytest.fixture(scope="module")
@@ -406,7 +409,7 @@ def test_429_then_success_within_the_deadline(standin, backend):
     assert len(signature) == 64
     statuses = [r.status for r in standin.requests_for("sign")[before:]]
     assert statuses == [429, 429, 200]
-    assert 0.4 <= elapsed < 2.0, elapsed  # waited Retry-After twice
+    assert 0.4 <= elapsed < 4.0, elapsed  # waited Retry-After twice, well inside the deadline
     assert backend.counters["throttled"] >= 2
 
 
@@ -427,7 +430,7 @@ def test_429_forever_is_resource_exhausted_within_the_deadline(standin, backend)
         backend.sign(resolved, ALGORITHMS["ES256"], b"data", deadline=start + 1.5)
     elapsed = time.monotonic() - start
     assert caught.value.grpc_code == "RESOURCE_EXHAUSTED"
-    assert elapsed < 1.5, elapsed
+    assert elapsed < 1.5 + SLACK_S, elapsed
     assert len(standin.requests_for("sign")[before:]) >= 3, "retried while the deadline allowed"
     assert backend.health() is True, "throttling is not an outage"
 
@@ -439,7 +442,7 @@ def test_a_retry_after_beyond_the_deadline_is_not_waited_for(standin, backend):
     start = time.monotonic()
     with pytest.raises(BackendThrottledError):
         backend.sign(resolved, ALGORITHMS["ES256"], b"data", deadline=start + 2)
-    assert time.monotonic() - start < 0.5
+    assert time.monotonic() - start < 1.0, "neither Retry-After (30 s) nor the deadline (2 s) was waited for"
     assert len(standin.requests_for("sign")[before:]) == 1
 
 
@@ -450,7 +453,7 @@ def test_without_a_deadline_the_default_budget_bounds_retries(standin, backend, 
     start = time.monotonic()
     with pytest.raises(BackendThrottledError):
         backend.sign(resolved, ALGORITHMS["ES256"], b"data")
-    assert time.monotonic() - start < 1.2
+    assert time.monotonic() - start < 1.0 + SLACK_S
 
 
 def test_403_is_failed_precondition_naming_the_role(standin, backend):
@@ -523,7 +526,7 @@ def test_unreachable_vault_is_unavailable_within_the_deadline(standin):
     with pytest.raises(BackendUnavailableError, match="cannot be reached") as caught:
         b.resolve(f"azurekv:https://127.0.0.1:{_closed_port()}/keys/k", deadline=start + 2)
     assert caught.value.grpc_code == "UNAVAILABLE"
-    assert time.monotonic() - start < 2.2
+    assert time.monotonic() - start < 2 + SLACK_S
 
 
 def test_vault_going_away_makes_signing_unavailable(tmp_path):
@@ -534,7 +537,7 @@ def test_vault_going_away_makes_signing_unavailable(tmp_path):
     start = time.monotonic()
     with pytest.raises(BackendUnavailableError):
         b.sign(resolved, ALGORITHMS["ES256"], b"data", deadline=start + 2)
-    assert time.monotonic() - start < 2.2
+    assert time.monotonic() - start < 2 + SLACK_S
     assert b.health() is False
 
 
@@ -544,7 +547,7 @@ def test_a_slow_vault_is_cut_off_at_the_deadline(standin, backend):
     start = time.monotonic()
     with pytest.raises(BackendUnavailableError):
         backend.sign(resolved, ALGORITHMS["ES256"], b"data", deadline=start + 1.0)
-    assert time.monotonic() - start < 1.4
+    assert time.monotonic() - start < 1.0 + SLACK_S, "the stand-in holds the reply for 3 s"
 
 
 def test_a_deadline_already_passed_makes_no_call(standin, backend):

@@ -231,6 +231,7 @@ class KeyVaultStandIn:
             if server is not None:
                 server.shutdown()
                 server.server_close()
+                server.close_connections()
         self._server = self._identity_server = None
 
     def identity_env(self) -> dict[str, str]:
@@ -543,7 +544,35 @@ class _Error(Exception):
 
 
 class _QuietServer(http.server.ThreadingHTTPServer):
-    """A client that gave up (a deadline test) is not an error worth a traceback."""
+    """Keeps its open connections so that stopping really stops (a keep-alive connection's
+    handler thread would otherwise go on answering); a client that gave up (a deadline test)
+    is not an error worth a traceback."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.connections: set[Any] = set()
+        self.connections_lock = threading.Lock()
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        with self.connections_lock:
+            self.connections.add(request)
+        super().process_request(request, client_address)
+
+    def shutdown_request(self, request: Any) -> None:
+        with self.connections_lock:
+            self.connections.discard(request)
+        super().shutdown_request(request)
+
+    def close_connections(self) -> None:
+        import socket
+
+        with self.connections_lock:
+            connections = list(self.connections)
+        for conn in connections:
+            try:
+                conn.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
 
     def handle_error(self, request: Any, client_address: Any) -> None:
         import sys
