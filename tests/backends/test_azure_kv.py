@@ -679,3 +679,22 @@ def test_main_job_token_flow_with_keys_in_the_vault(standin, tmp_path):
     parsed.deserialize(assertion, key=jwcrypto_jwk.JWK(**jwks["assertion"]))
     assert parsed.jose_header["kid"] == jwks["assertion"]["kid"]
     assert len(standin.requests_for("sign")) > signs_before, "the signatures came from the vault"
+
+
+def test_concurrent_signing_from_many_threads(standin, backend):
+    """The gRPC server signs from a thread pool: one backend, one client per key version."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    name = new_key(standin, "EC-P256")
+    public = standin.versions(name)[-1].private_key.public_key()
+    key = make_signing_key("k", "ES256", backend, backend.resolve(ref(standin, name)))
+
+    def work(i: int) -> tuple[bytes, bytes]:
+        data = f"thread-{i}".encode()
+        return data, key.sign(data, deadline=time.monotonic() + 10)
+
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        results = list(pool.map(work, range(400)))
+    for data, signature in results:
+        verify_jose(public, "ES256", data, signature)
+    assert backend.health() is True
