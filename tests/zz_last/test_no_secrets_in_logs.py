@@ -6,7 +6,6 @@ wrote for private-key, PIN and token material. Signer processes log to ``<config
 from __future__ import annotations
 
 import re
-from pathlib import Path
 
 import pytest
 

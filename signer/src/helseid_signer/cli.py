@@ -13,9 +13,11 @@ import sys
 import tomllib
 from pathlib import Path
 
+from pydantic import ValidationError
+
 from .algorithms import AlgorithmError, get_algorithm
 from .backends.base import KEY_SPECS, BackendError, KeyCreator, backend_class, scheme_of
-from .config import AwsKmsSettings, ConfigError, Pkcs11Settings, load_settings
+from .config import BackendsSettings, ConfigError, load_settings
 from .keys import KeyResolutionError, build_backends, resolve_keys
 
 
@@ -40,31 +42,28 @@ def setup_logging(level: str) -> None:
 
 
 def _backend_for_create(args: argparse.Namespace):
+    """The backend for ``keys create``: from the ``[backends]`` section of ``--config``, or
+    for PKCS#11 from ``--module``/``--pin-*``, or for the cloud backends from their SDKs'
+    default credential chains (AWS: environment/profile/role; Azure: DefaultAzureCredential)."""
     scheme = scheme_of(args.uri)
     if args.config:
         try:
             data = tomllib.loads(Path(args.config).read_text())
-            options = data.get("backends", {}).get(scheme)
-            if options is None:
-                raise ConfigError(f"{args.config}: no [backends.{scheme}] section")
-            if scheme == "pkcs11":
-                options = Pkcs11Settings.model_validate(options)
-                if options.pin_file and not Path(options.pin_file).is_absolute():
-                    options = options.model_copy(
-                        update={"pin_file": str(Path(args.config).resolve().parent / options.pin_file)}
-                    )
-                options = options.model_dump()
-            elif scheme == "awskms":
-                options = AwsKmsSettings.model_validate(options).model_dump()
+            base = str(Path(args.config).resolve().parent)
+            backends = BackendsSettings.model_validate(data.get("backends", {}), context={"base": base})
         except (OSError, tomllib.TOMLDecodeError) as exc:
             raise ConfigError(f"{args.config}: {exc}") from None
-    elif scheme == "awskms":  # boto3's chain gives credentials and region (AWS_REGION)
-        options = {}
-    else:
+        except ValidationError as exc:
+            raise ConfigError(f"{args.config}: backends: {exc}") from None
+        options = getattr(backends, scheme, None)
+        if options is None:
+            raise ConfigError(f"{args.config}: no [backends.{scheme}] section")
+        return backend_class(scheme)(**options.model_dump())
+    if scheme == "pkcs11":
         if not args.module:
             raise ConfigError("keys create: give --config FILE, or --module PATH with --pin-env or --pin-file")
-        options = {"module": args.module, "pin_env": args.pin_env, "pin_file": args.pin_file}
-    return backend_class(scheme)(**options)
+        return backend_class(scheme)(module=args.module, pin_env=args.pin_env, pin_file=args.pin_file)
+    return backend_class(scheme)()
 
 
 def _check_spec_fits(alg_name: str, spec: str) -> None:
@@ -81,7 +80,7 @@ def _check_spec_fits(alg_name: str, spec: str) -> None:
 def cmd_serve(args: argparse.Namespace) -> int:
     from .server import run
 
-    run(load_settings(args.config), ready_file=args.ready_file)
+    run(load_settings(args.config), ready_file=args.ready_file, config_path=args.config)
     return 0
 
 

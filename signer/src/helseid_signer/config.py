@@ -111,6 +111,8 @@ class ServerSettings(_Strict):
     workers: Annotated[Int, Field(ge=1, le=64)] = 1
     reflection: Bool = False
     max_concurrent_rpcs: Annotated[Int, Field(ge=1, le=100_000)] = 1000
+    #: Seconds between health checks (pending keys retried, backends probed).
+    health_interval: Annotated[float, Field(ge=0.1, le=3600)] = 5.0
 
     @field_validator("listen")
     @classmethod

@@ -11,8 +11,17 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .algorithms import Algorithm, check_key_fits, get_algorithm
-from .backends.base import AlgChecker, KeyBackend, ResolvedKey, backend_class, scheme_of
-from .config import Settings
+from .backends.base import (
+    AlgChecker,
+    BackendUnavailableError,
+    KeyAccessDeniedError,
+    KeyBackend,
+    KeyNotFoundError,
+    ResolvedKey,
+    backend_class,
+    scheme_of,
+)
+from .config import KeySettings, Settings
 from .jwt import json_b64, public_jwk, thumbprint
 
 ASSERTION_TYP = "client-authentication+jwt"
@@ -107,3 +116,57 @@ def resolve_keys(settings: Settings, backends: dict[str, KeyBackend]) -> dict[st
 
 class KeyResolutionError(Exception):
     """A configured key could not be resolved or does not fit its ``alg``; names the key."""
+
+
+class KeySlot:
+    """A configured key as the running service holds it: resolved, or still pending
+    because its backend was unreachable (or the key missing) at start-up.
+
+    A pending slot answers :meth:`get` with BackendUnavailableError (UNAVAILABLE to the
+    caller); the server's health loop calls :meth:`try_resolve` with backoff. A key that
+    exists but does not fit its ``alg``, or a bad reference, is a configuration error and
+    stops start-up instead (:func:`resolve_key_slots`).
+    """
+
+    def __init__(self, name: str, settings: KeySettings, backend: KeyBackend) -> None:
+        self.name = name
+        self.settings = settings
+        self.backend = backend
+        self.key: SigningKey | None = None
+        self.error: str | None = "not resolved yet"
+        self.next_attempt = 0.0  # time.monotonic() of the next resolution attempt
+        self._backoff = 1.0
+
+    def try_resolve(self, now: float) -> bool:
+        """Resolve the key; True when it is available. Transient failures schedule the next
+        attempt (1 s doubling to 60 s); configuration errors raise KeyResolutionError."""
+        try:
+            resolved = self.backend.resolve(self.settings.uri)
+            self.key = make_signing_key(self.name, self.settings.alg, self.backend, resolved)
+            self.error = None
+            return True
+        except (BackendUnavailableError, KeyNotFoundError, KeyAccessDeniedError) as exc:
+            # Transient at start-up: an unreachable backend, a key not there yet, or rights
+            # not granted yet (cloud role assignments take minutes to apply).
+            self.error = str(exc)
+            self.next_attempt = now + self._backoff
+            self._backoff = min(60.0, self._backoff * 2)
+            return False
+        except Exception as exc:
+            raise KeyResolutionError(f"keys.{self.name}: {exc}") from exc
+
+    def get(self) -> SigningKey:
+        """The resolved key; BackendUnavailableError while pending."""
+        key = self.key
+        if key is None:
+            raise BackendUnavailableError(f"key {self.name!r} is not available yet: {self.error}")
+        return key
+
+
+def resolve_key_slots(settings: Settings, backends: dict[str, KeyBackend], now: float) -> dict[str, KeySlot]:
+    """A slot per ``[keys.*]``, each resolved when its backend answers. Raises
+    KeyResolutionError (naming the key) for configuration errors only."""
+    slots = {name: KeySlot(name, key, backends[scheme_of(key.uri)]) for name, key in settings.keys.items()}
+    for slot in slots.values():
+        slot.try_resolve(now)
+    return slots

@@ -22,6 +22,7 @@ import tempfile
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
@@ -30,34 +31,57 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from helseid_signer_client._proto import signer_pb2
 
 from .audit import AuditLog
-from .config import Settings, UnixSocketSettings, parse_listen
-from .keys import build_backends, resolve_keys
+from .backends.base import KeyBackend
+from .config import ConfigError, ServerSettings, Settings, UnixSocketSettings, load_settings, parse_listen
+from .keys import KeySlot, build_backends, resolve_key_slots
 from .policy import Caller, HtuPolicy, RateLimiter
-from .service import Identify, Profile, SignerServicer, add_to_server
+from .service import Identify, Profile, ServiceState, SignerServicer, Snapshot, add_to_server
 
 log = logging.getLogger("helseid_signer.server")
 SERVICE_NAME = signer_pb2.DESCRIPTOR.services_by_name["SignerService"].full_name
 
 #: Requests are a few hundred bytes; anything near this is hostile.
 MAX_MESSAGE_BYTES = 64 * 1024
+STOP_GRACE = 5.0  # seconds in-flight requests get after SIGTERM
+IMPLICIT_INSECURE_CALLER = "insecure-development"
+SERVING = health_pb2.HealthCheckResponse.SERVING
+NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 
 
-def build_profiles(settings: Settings) -> tuple[dict[str, Profile], list]:
-    """Resolve every key and return (profiles by name, backends to close)."""
+@dataclass
+class Runtime:
+    """Everything one configuration generation needs: its settings, backends, key slots,
+    profiles and callers. Built at start-up and again on each reload."""
+
+    settings: Settings
+    backends: dict[str, KeyBackend]
+    slots: dict[str, KeySlot]
+    profiles: dict[str, Profile]
+    callers: dict[str, Caller]
+    tls_callers: dict[str, Caller]
+
+
+def build_runtime(settings: Settings) -> Runtime:
+    """Build backends and resolve keys (a key whose backend is unreachable stays pending);
+    raise KeyResolutionError / BackendError for configuration errors."""
     backends = build_backends(settings)
-    keys = resolve_keys(settings, backends)
+    slots = resolve_key_slots(settings, backends, time.monotonic())
     profiles = {
         name: Profile(
             name=name,
             settings=p,
             token_endpoint=p.effective_token_endpoint,
-            assertion_key=keys[p.assertion_key],
-            dpop_key=keys[p.dpop_key],
+            assertion_slot=slots[p.assertion_key],
+            dpop_slot=slots[p.dpop_key],
             htu_policy=HtuPolicy.from_settings(p.effective_token_endpoint, p.api_base_urls),
         )
         for name, p in settings.profiles.items()
     }
-    return profiles, list(backends.values())
+    callers = build_callers(settings)
+    if settings.server.insecure and not settings.server.insecure_caller:
+        callers[IMPLICIT_INSECURE_CALLER] = Caller(IMPLICIT_INSECURE_CALLER, frozenset(profiles))
+    tls_callers = {n: callers[name] for name, c in settings.callers.items() for n in c.tls_names}
+    return Runtime(settings, backends, slots, profiles, callers, tls_callers)
 
 
 def build_callers(settings: Settings) -> dict[str, Caller]:
@@ -71,14 +95,14 @@ def build_callers(settings: Settings) -> dict[str, Caller]:
     return callers
 
 
-def tls_identifier(settings: Settings, callers: dict[str, Caller]) -> Identify:
+def tls_identifier(holder: RuntimeHolder) -> Identify:
     """Identify a caller by its verified client certificate: a DNS or URI subjectAltName,
     or the subject CN when the certificate has no SAN, equal to one of its ``tls_names``."""
-    by_name = {n: callers[caller] for caller, c in settings.callers.items() for n in c.tls_names}
 
     def identify(context: grpc.aio.ServicerContext) -> Caller | None:
         auth = context.auth_context()
         names = auth.get("x509_subject_alternative_name") or auth.get("x509_common_name") or []
+        by_name = holder.runtime.tls_callers
         for raw in names:
             caller = by_name.get(raw.decode("utf-8", "replace"))
             if caller is not None:
@@ -88,8 +112,22 @@ def tls_identifier(settings: Settings, callers: dict[str, Caller]) -> Identify:
     return identify
 
 
-def _fixed(caller: Caller) -> Identify:
-    return lambda context: caller
+def named_identifier(holder: RuntimeHolder, name: str) -> Identify:
+    """Every request on this listener is the caller ``name`` (a Unix socket, or the
+    insecure development listener); looked up per request so a reload takes effect."""
+    return lambda context: holder.runtime.callers.get(name)
+
+
+class RuntimeHolder(ServiceState):
+    """The current :class:`Runtime` and the servicers' :class:`Snapshot`, swapped together."""
+
+    def __init__(self, runtime: Runtime, audit: AuditLog) -> None:
+        super().__init__(Snapshot(runtime.profiles, audit))
+        self.runtime = runtime
+
+    def swap(self, runtime: Runtime, audit: AuditLog) -> None:
+        self.runtime = runtime
+        self.current = Snapshot(runtime.profiles, audit)
 
 
 def _owner_ids(owner: str | int | None, group: str | int | None) -> tuple[int, int]:
@@ -109,112 +147,244 @@ def _new_server(settings: Settings) -> grpc.aio.Server:
     )
 
 
-def _read(path: str) -> bytes:
-    return Path(path).read_bytes()
+class TlsFiles:
+    """The server's TLS certificate, key and client CA, re-read on reload: gRPC asks the
+    fetcher at every new handshake, so new connections get new certificates while open
+    connections continue undisturbed."""
+
+    def __init__(self, server: ServerSettings) -> None:
+        self._config = self._load(server)
+        self._fresh: object | None = None
+
+    @staticmethod
+    def _load(server: ServerSettings) -> object:
+        assert server.tls_private_key and server.tls_certificate and server.client_ca
+        return grpc.ssl_server_certificate_configuration(
+            [(Path(server.tls_private_key).read_bytes(), Path(server.tls_certificate).read_bytes())],
+            root_certificates=Path(server.client_ca).read_bytes(),
+        )
+
+    def credentials(self) -> grpc.ServerCredentials:
+        return grpc.dynamic_ssl_server_credentials(self._config, self._fetch, require_client_authentication=True)
+
+    def _fetch(self) -> object | None:
+        fresh, self._fresh = self._fresh, None
+        return fresh
+
+    def reload(self, server: ServerSettings) -> None:
+        """Read the files again (OSError/ValueError if unreadable: the old ones stay)."""
+        self._fresh = self._load(server)
 
 
-async def serve(settings: Settings, ready_file: str | None = None, stop: asyncio.Event | None = None) -> None:
-    """Serve until ``stop`` is set (or SIGTERM/SIGINT when ``stop`` is None).
+def _listeners(settings: Settings) -> tuple:
+    s = settings.server
+    sockets = tuple(sorted((n, c.unix_socket) for n, c in settings.callers.items() if c.unix_socket))
+    return (s.listen, s.insecure, s.insecure_caller, s.workers, s.reflection, sockets)
+
+
+class Server:
+    """The running service in one process: listeners, servicers, health, reloads.
 
     One gRPC server per listener, so that each knows how its callers are identified:
-    the TCP listener (mTLS, or plaintext with ``insecure = true``) and one Unix socket
-    per caller that has one. All share the profiles, the signing executor, the audit log
-    and the health status.
+    the TCP listener (mTLS, or plaintext with ``insecure = true``) and one Unix socket per
+    caller that has one. All share the runtime, the signing executor, the audit log and
+    the health status.
     """
-    profiles, backends = build_profiles(settings)
-    callers = build_callers(settings)
-    audit = AuditLog(settings.audit.path, fail_closed=settings.audit.on_failure == "fail_closed")
-    executor = ThreadPoolExecutor(max_workers=8, thread_name_prefix="sign")
-    health_servicer = health.aio.HealthServicer()
-    servers: list[grpc.aio.Server] = []
-    addresses: list[str] = []
 
-    def new_server(identify: Identify) -> grpc.aio.Server:
-        server = _new_server(settings)
-        add_to_server(SignerServicer(profiles, executor, audit, identify), server)
-        health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-        if settings.server.reflection:
+    def __init__(self, settings: Settings, config_path: str | None = None, listen: str | None = None) -> None:
+        self.settings = settings
+        self.config_path = config_path
+        self.listen = listen or settings.server.listen
+        self.holder = RuntimeHolder(build_runtime(settings), self._audit_log(settings))
+        self.executor = ThreadPoolExecutor(max_workers=8, thread_name_prefix="sign")
+        self.health = health.aio.HealthServicer()
+        self.servers: list[grpc.aio.Server] = []
+        self.addresses: list[str] = []
+        self.sockets: list[tuple[str, UnixSocketSettings]] = []
+        self.tls: TlsFiles | None = None
+        self._statuses: dict[str, bool] = {}
+
+    @staticmethod
+    def _audit_log(settings: Settings) -> AuditLog:
+        return AuditLog(settings.audit.path, fail_closed=settings.audit.on_failure == "fail_closed")
+
+    def _new_grpc_server(self, identify: Identify) -> grpc.aio.Server:
+        server = _new_server(self.settings)
+        add_to_server(SignerServicer(self.holder, self.executor, identify), server)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
+        if self.settings.server.reflection:
             from grpc_reflection.v1alpha import reflection
 
             names = (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME)
             reflection.enable_server_reflection(names, server)
-        servers.append(server)
+        self.servers.append(server)
         return server
 
-    if settings.server.listen:
-        host, port = parse_listen(settings.server.listen)
-        target = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-        if settings.server.insecure:
-            name = settings.server.insecure_caller
-            caller = callers[name] if name else Caller("insecure-development", frozenset(profiles))
-            log.warning(
-                "listening WITHOUT TLS on %s (server.insecure = true): development only; every request "
-                "there is caller %r",
-                target,
-                caller.name,
-            )
-            bound = new_server(_fixed(caller)).add_insecure_port(target)
-        else:
-            credentials = grpc.ssl_server_credentials(
-                [(_read(settings.server.tls_private_key), _read(settings.server.tls_certificate))],
-                root_certificates=_read(settings.server.client_ca),
-                require_client_auth=True,
-            )
-            bound = new_server(tls_identifier(settings, callers)).add_secure_port(target, credentials)
-        addresses.append(f"{host}:{bound}")
-    sockets: list[tuple[str, UnixSocketSettings]] = []
-    for name, c in settings.callers.items():
-        if c.unix_socket is None:
-            continue
-        path = c.unix_socket.path
-        if os.path.lexists(path) and stat.S_ISSOCK(os.lstat(path).st_mode):
-            os.unlink(path)  # a stale socket of an earlier run
-        old_umask = os.umask(0o177)  # the socket exists 0600 until it gets its final mode
+    async def start(self) -> None:
+        """Bind every listener, start serving, and set the health status."""
+        server_settings = self.settings.server
+        if self.listen:
+            host, port = parse_listen(self.listen)
+            target = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+            if server_settings.insecure:
+                name = server_settings.insecure_caller or IMPLICIT_INSECURE_CALLER
+                log.warning(
+                    "listening WITHOUT TLS on %s (server.insecure = true): development only; every request "
+                    "there is caller %r",
+                    target,
+                    name,
+                )
+                bound = self._new_grpc_server(named_identifier(self.holder, name)).add_insecure_port(target)
+            else:
+                self.tls = TlsFiles(server_settings)
+                grpc_server = self._new_grpc_server(tls_identifier(self.holder))
+                bound = grpc_server.add_secure_port(target, self.tls.credentials())
+            self.addresses.append(f"{host}:{bound}")
+        for name, c in self.settings.callers.items():
+            if c.unix_socket is None:
+                continue
+            path = c.unix_socket.path
+            if os.path.lexists(path) and stat.S_ISSOCK(os.lstat(path).st_mode):
+                os.unlink(path)  # a stale socket of an earlier run
+            old_umask = os.umask(0o177)  # the socket exists 0600 until it gets its final mode
+            try:
+                self._new_grpc_server(named_identifier(self.holder, name)).add_insecure_port(f"unix:{path}")
+            finally:
+                os.umask(old_umask)
+            self.sockets.append((path, c.unix_socket))
+            self.addresses.append(f"unix:{path}")
+        for server in self.servers:
+            await server.start()
+        for path, sock in self.sockets:
+            uid, gid = _owner_ids(sock.owner, sock.group)
+            if uid != -1 or gid != -1:
+                os.chown(path, uid, gid)
+            os.chmod(path, sock.mode)
+        await self.check_health()
+        log.info(
+            "serving %s on %s with %d profile(s)",
+            SERVICE_NAME,
+            ", ".join(self.addresses),
+            len(self.holder.runtime.profiles),
+        )
+
+    async def check_health(self) -> None:
+        """Resolve pending keys whose backoff has passed, probe every backend, and publish
+        ``backend:<scheme>`` statuses and the overall one (SERVING only when every backend
+        can sign: a replica that cannot sign for some profile takes no traffic)."""
+        runtime = self.holder.runtime
+        loop = asyncio.get_running_loop()
+        now = time.monotonic()
+        for slot in runtime.slots.values():
+            if slot.key is None and now >= slot.next_attempt:
+                if await loop.run_in_executor(self.executor, slot.try_resolve, now):
+                    log.info("key %s resolved: kid %s", slot.name, slot.key.kid)
+                else:
+                    log.warning("key %s still unavailable (next attempt in %.0f s): %s", slot.name,
+                                slot.next_attempt - now, slot.error)  # fmt: skip
+        statuses: dict[str, bool] = {}
+        for scheme, backend in runtime.backends.items():
+            pending = [s for s in runtime.slots.values() if s.backend is backend and s.key is None]
+            probe = getattr(backend, "probe", backend.health)
+            ok = not pending and await loop.run_in_executor(self.executor, probe)
+            statuses[f"backend:{scheme}"] = bool(ok)
+        overall = all(statuses.values())
+        for name, ok in {**statuses, "": overall, SERVICE_NAME: overall}.items():
+            if self._statuses.get(name) != ok:
+                if name.startswith("backend:") and name in self._statuses:
+                    log.warning("%s is now %s", name, "SERVING" if ok else "NOT_SERVING")
+                await self.health.set(name, SERVING if ok else NOT_SERVING)
+        self._statuses = {**statuses, "": overall, SERVICE_NAME: overall}
+
+    async def health_loop(self, interval: float) -> None:
+        """Run :meth:`check_health` every ``interval`` seconds until cancelled."""
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                await self.check_health()
+            except Exception:
+                log.exception("health check failed")
+
+    async def reload(self) -> bool:
+        """Re-read the configuration file and the TLS files (SIGHUP). A configuration that
+        does not load, does not resolve, or changes the listeners is refused and the old
+        one stays. Open connections are never dropped. Returns True when applied."""
+        if not self.config_path:
+            log.error("reload: no configuration file to re-read")
+            return False
+        loop = asyncio.get_running_loop()
         try:
-            new_server(_fixed(callers[name])).add_insecure_port(f"unix:{path}")
-        finally:
-            os.umask(old_umask)
-        sockets.append((path, c.unix_socket))
-        addresses.append(f"unix:{path}")
-    for server in servers:
-        await server.start()
-    for path, sock in sockets:
-        uid, gid = _owner_ids(sock.owner, sock.group)
-        if uid != -1 or gid != -1:
-            os.chown(path, uid, gid)
-        os.chmod(path, sock.mode)
-    for name in ("", SERVICE_NAME):
-        await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
-    log.info("serving %s on %s with %d profile(s)", SERVICE_NAME, ", ".join(addresses), len(profiles))
+            settings = load_settings(self.config_path)
+            if _listeners(settings) != _listeners(self.settings):
+                raise ConfigError("listener settings changed (listen, insecure, workers, sockets): restart to apply")
+            runtime = await loop.run_in_executor(self.executor, build_runtime, settings)
+            if self.tls is not None:
+                self.tls.reload(settings.server)
+        except Exception as exc:
+            log.error("reload refused, the running configuration stays: %s", exc)
+            return False
+        old_runtime, old_audit = self.holder.runtime, self.holder.current.audit
+        audit = old_audit if settings.audit == self.settings.audit else self._audit_log(settings)
+        self.holder.swap(runtime, audit)
+        self.settings = settings
+        if audit is not old_audit:
+            old_audit.close()
+        for scheme, backend in old_runtime.backends.items():
+            if runtime.backends.get(scheme) is not backend:
+                backend.close()
+        await self.check_health()
+        log.info("configuration reloaded: %d profile(s), %d caller(s)", len(runtime.profiles), len(runtime.callers))
+        return True
+
+    async def stop(self, grace: float = STOP_GRACE) -> None:
+        """Health NOT_SERVING first, then drain in-flight requests for up to ``grace`` s."""
+        log.info("stopping: health NOT_SERVING, draining in-flight requests")
+        await self.health.enter_graceful_shutdown()
+        await asyncio.gather(*(server.stop(grace=grace) for server in self.servers))
+        self.executor.shutdown(wait=True)
+        self.holder.current.audit.close()
+        for backend in self.holder.runtime.backends.values():
+            backend.close()
+        for path, _ in self.sockets:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)
+
+
+async def serve(
+    settings: Settings,
+    ready_file: str | None = None,
+    stop: asyncio.Event | None = None,
+    config_path: str | None = None,
+    listen: str | None = None,
+) -> None:
+    """Serve until ``stop`` is set (or SIGTERM/SIGINT when ``stop`` is None); SIGHUP reloads
+    ``config_path``. ``listen`` overrides ``server.listen`` (a worker binds the concrete port
+    its supervisor reserved)."""
+    server = Server(settings, config_path, listen)
+    await server.start()
     if ready_file:
         tmp = Path(ready_file + ".tmp")
-        tmp.write_text(addresses[0])
+        tmp.write_text(server.addresses[0])
         tmp.replace(ready_file)
+    loop = asyncio.get_running_loop()
     if stop is None:
         stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
+        loop.add_signal_handler(signal.SIGHUP, lambda: loop.create_task(server.reload()))
+    health_task = loop.create_task(server.health_loop(settings.server.health_interval))
     await stop.wait()
-    log.info("stopping: health NOT_SERVING, draining in-flight requests")
-    await health_servicer.enter_graceful_shutdown()
-    await asyncio.gather(*(server.stop(grace=5) for server in servers))
-    executor.shutdown(wait=True)
-    audit.close()
-    for backend in backends:
-        backend.close()
-    for path, _ in sockets:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(path)
+    health_task.cancel()
+    await server.stop()
 
 
-def _worker(settings: Settings, ready_file: str) -> None:
+def _worker(settings: Settings, ready_file: str, config_path: str | None, listen: str) -> None:
     """One worker process: its own event loop, gRPC server and Cryptoki instance
     (initialised here, after the spawn: bug-kinds.md 23)."""
     from .cli import setup_logging
 
     setup_logging("info")
-    asyncio.run(serve(settings, ready_file=ready_file))
+    asyncio.run(serve(settings, ready_file=ready_file, config_path=config_path, listen=listen))
 
 
 def _reserve_port(host: str, port: int) -> tuple[socket.socket, int]:
@@ -227,7 +397,7 @@ def _reserve_port(host: str, port: int) -> tuple[socket.socket, int]:
     return sock, sock.getsockname()[1]
 
 
-def run(settings: Settings, ready_file: str | None = None) -> None:
+def run(settings: Settings, ready_file: str | None = None, config_path: str | None = None) -> None:
     """Serve with ``server.workers`` processes sharing one port (SO_REUSEPORT).
 
     With one worker the server runs in this process. With more, this process supervises:
@@ -238,24 +408,27 @@ def run(settings: Settings, ready_file: str | None = None) -> None:
     """
     workers = settings.server.workers
     if workers == 1:
-        asyncio.run(serve(settings, ready_file=ready_file))
+        asyncio.run(serve(settings, ready_file=ready_file, config_path=config_path))
         return
     assert settings.server.listen is not None  # config validation: workers > 1 means TCP only
     host, port = parse_listen(settings.server.listen)
     reservation, port = _reserve_port(host, port)
     listen = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-    settings = settings.model_copy(update={"server": settings.server.model_copy(update={"listen": listen})})
     context = multiprocessing.get_context("spawn")
     stopping = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stopping.set())
+
     with tempfile.TemporaryDirectory(prefix="helseid-signer-") as tmp:
         ready_paths = [str(Path(tmp) / f"ready.{i}") for i in range(workers)]
         procs = [
-            context.Process(target=_worker, args=(settings, p), name=f"worker-{i}") for i, p in enumerate(ready_paths)
+            context.Process(target=_worker, args=(settings, p, config_path), name=f"worker-{i}")
+            for i, p in enumerate(ready_paths)
         ]
         for proc in procs:
             proc.start()
+        # SIGHUP: every worker reloads the configuration file itself.
+        signal.signal(signal.SIGHUP, lambda *_: [os.kill(p.pid, signal.SIGHUP) for p in procs if p.is_alive()])
         announced = False
         last_restart = 0.0
         while not stopping.wait(0.05):
@@ -269,7 +442,9 @@ def run(settings: Settings, ready_file: str | None = None) -> None:
                 if not proc.is_alive() and time.monotonic() - last_restart > 1.0:
                     log.error("worker %d exited with %s; restarting it", i, proc.exitcode)
                     last_restart = time.monotonic()
-                    procs[i] = context.Process(target=_worker, args=(settings, ready_paths[i]), name=f"worker-{i}")
+                    procs[i] = context.Process(
+                        target=_worker, args=(settings, ready_paths[i], config_path, listen), name=f"worker-{i}"
+                    )
                     procs[i].start()
         for proc in procs:
             proc.terminate()  # SIGTERM: each worker drains, then exits

@@ -35,6 +35,8 @@ from .backends.base import BackendError
 from .claims import (
     RequestError,
     assertion_details,
+    build_assertion_claims,
+    build_proof_claims,
     check_access_token_sha256,
     check_htm,
     check_nonce,
@@ -43,7 +45,7 @@ from .claims import (
 )
 from .config import ProfileSettings
 from .jwt import compact, json_b64, signing_input
-from .keys import SigningKey
+from .keys import KeySlot, SigningKey
 from .policy import Caller, HtuPolicy, check_caller_may_use
 
 log = logging.getLogger("helseid_signer.service")
@@ -56,13 +58,13 @@ Identify = Callable[[grpc.aio.ServicerContext], Caller | None]
 
 @dataclass(frozen=True)
 class Profile:
-    """A client profile with its keys resolved and its ``htu`` policy."""
+    """A client profile: its settings, its key slots (resolved or pending) and its ``htu`` policy."""
 
     name: str
     settings: ProfileSettings
     token_endpoint: str
-    assertion_key: SigningKey
-    dpop_key: SigningKey
+    assertion_slot: KeySlot
+    dpop_slot: KeySlot
     htu_policy: HtuPolicy
 
 
@@ -101,16 +103,38 @@ def add_to_server(servicer: SignerServicer, server: grpc.aio.Server) -> None:
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE.full_name, handlers),))
 
 
+def sign_compact(key: SigningKey, header_b64: str, claims: dict[str, Any], deadline: float | None = None) -> str:
+    """Sign ``claims`` under the JOSE header ``header_b64`` with ``key`` (blocking, within
+    ``deadline``) and return the compact JWS. The service's signing path; ``check`` uses it too."""
+    data = signing_input(header_b64, json_b64(claims))
+    return compact(data, key.sign(data, deadline))
+
+
 Work = Callable[[Profile, Any, dict[str, Any], float | None], Awaitable[Any]]
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """What a request reads: one consistent configuration generation."""
+
+    profiles: dict[str, Profile]
+    audit: AuditLog
+
+
+class ServiceState:
+    """Holds the current :class:`Snapshot`; a reload replaces it in one assignment, so a
+    request sees either the old or the new configuration, never a mix."""
+
+    def __init__(self, snapshot: Snapshot) -> None:
+        self.current = snapshot
 
 
 class SignerServicer:
     """Implements ``helseid.signer.v1.SignerService`` (see proto/.../signer.proto).
 
     Args:
-        profiles: the configured profiles by name.
+        state: the current profiles and audit log (replaced as a whole on reload).
         executor: where blocking backend calls run, off the event loop.
-        audit: the audit log.
         identify: finds the caller of a request (per listener: TLS certificate, Unix
             socket, or the configured insecure caller).
         clock: current time in seconds since the epoch.
@@ -118,23 +142,19 @@ class SignerServicer:
 
     def __init__(
         self,
-        profiles: dict[str, Profile],
+        state: ServiceState,
         executor: Executor,
-        audit: AuditLog,
         identify: Identify,
         clock: Callable[[], float] = time.time,
     ) -> None:
-        self._profiles = profiles
+        self._state = state
         self._executor = executor
-        self._audit = audit
         self._identify = identify
         self._clock = clock
 
     async def _sign(self, key: SigningKey, header_b64: str, claims: dict[str, Any], deadline: float | None) -> str:
-        data = signing_input(header_b64, json_b64(claims))
         loop = asyncio.get_running_loop()
-        signature = await loop.run_in_executor(self._executor, key.sign, data, deadline)
-        return compact(data, signature)
+        return await loop.run_in_executor(self._executor, sign_compact, key, header_b64, claims, deadline)
 
     async def _call(self, context: grpc.aio.ServicerContext, purpose: str, request: Any, work: Work) -> Any:
         started = time.perf_counter()
@@ -149,9 +169,10 @@ class SignerServicer:
             check_caller_may_use(caller, request.profile)
             remaining = context.time_remaining()
             deadline = None if remaining is None else time.monotonic() + remaining
-            response = await work(self._profiles[request.profile], request, record, deadline)
+            state = self._state.current
+            response = await work(state.profiles[request.profile], request, record, deadline)
             record.update(outcome="signed" if "jti" in record else "answered", status="OK")
-            self._write_audit(record, started)
+            self._write_audit(state.audit, record, started)
             return response
         except AuditError as exc:
             log.error("refusing to answer without an audit record: %s", exc)
@@ -166,14 +187,15 @@ class SignerServicer:
             await self._refuse(context, record, started, "failed", "INTERNAL", "internal error")
         raise AssertionError("unreachable")  # context.abort always raises
 
-    def _write_audit(self, record: dict[str, Any], started: float) -> None:
+    @staticmethod
+    def _write_audit(audit: AuditLog, record: dict[str, Any], started: float) -> None:
         record["latency_ms"] = round((time.perf_counter() - started) * 1000, 3)
-        self._audit.write(record)
+        audit.write(record)
 
     async def _refuse(self, context: Any, record: dict, started: float, outcome: str, code: str, message: str) -> None:
         record.update(outcome=outcome, status=code, error=message)
         try:
-            self._write_audit(record, started)
+            self._write_audit(self._state.current.audit, record, started)
         except AuditError as exc:  # the request is refused anyway; say so in the log
             log.error("audit record of a refusal not written: %s", exc)
         await context.abort(grpc.StatusCode[code], message)
@@ -194,20 +216,11 @@ class SignerServicer:
         )
         now = int(self._clock())
         jti = new_jti()
-        claims: dict[str, Any] = {
-            "iss": s.client_id,
-            "sub": s.client_id,
-            "aud": s.issuer,
-            "iat": now,
-            "nbf": now,
-            "exp": now + s.assertion_lifetime,
-            "jti": jti,
-        }
+        claims = build_assertion_claims(s, now, jti, details)
         if details is not None:
-            claims["assertion_details"] = details
             record["organization_numbers"] = [n for n in (request.parent_organization_number,
                                                           request.child_organization_number) if n]  # fmt: skip
-        key = profile.assertion_key
+        key = profile.assertion_slot.get()
         jwt = await self._sign(key, key.assertion_header, claims, deadline)
         record.update(kid=key.kid, alg=key.alg.name, key_version=key.resolved.version, jti=jti, exp=claims["exp"])
         return pb.SignClientAssertionResponse(
@@ -229,12 +242,8 @@ class SignerServicer:
         record.update(nonce_present=nonce is not None, ath_present=ath is not None)
         now = int(self._clock())
         jti = new_jti()
-        claims: dict[str, Any] = {"jti": jti, "htm": htm, "htu": htu, "iat": now}
-        if nonce is not None:
-            claims["nonce"] = nonce
-        if ath is not None:
-            claims["ath"] = ath
-        key = profile.dpop_key
+        claims = build_proof_claims(jti, htm, htu, now, nonce, ath)
+        key = profile.dpop_slot.get()
         jwt = await self._sign(key, key.dpop_header, claims, deadline)
         record.update(kid=key.kid, alg=key.alg.name, key_version=key.resolved.version, jti=jti)
         return pb.SignDpopProofResponse(jwt=jwt, jkt=key.kid, alg=key.alg.name, jti=jti, issued_at=now, htu=htu)
@@ -244,14 +253,15 @@ class SignerServicer:
         return await self._call(context, "client_profile", request, self._client_profile)
 
     async def _client_profile(self, p: Profile, request: Any, record: dict, deadline: float | None) -> Any:
+        assertion_key, dpop_key = p.assertion_slot.get(), p.dpop_slot.get()
         return pb.GetClientProfileResponse(
             client_id=p.settings.client_id,
             issuer=p.settings.issuer,
             token_endpoint=p.token_endpoint,
-            assertion_alg=p.assertion_key.alg.name,
-            assertion_kid=p.assertion_key.kid,
-            dpop_alg=p.dpop_key.alg.name,
-            dpop_jkt=p.dpop_key.kid,
+            assertion_alg=assertion_key.alg.name,
+            assertion_kid=assertion_key.kid,
+            dpop_alg=dpop_key.alg.name,
+            dpop_jkt=dpop_key.kid,
             assertion_lifetime_seconds=p.settings.assertion_lifetime,
         )
 
@@ -260,7 +270,7 @@ class SignerServicer:
         return await self._call(context, "key_set", request, self._key_set)
 
     async def _key_set(self, p: Profile, request: Any, record: dict, deadline: float | None) -> Any:
-        key = p.assertion_key
+        key = p.assertion_slot.get()
         return pb.GetKeySetResponse(
             jwks_json=json.dumps({"keys": [key.published_jwk]}, separators=(",", ":")),
             keys=[

@@ -138,6 +138,9 @@ REGISTRY: dict[str, str] = {
     "awskms": "helseid_signer.backends.aws_kms:AwsKmsBackend",
 }
 
+#: The pip extra that brings each backend's SDK (signer/pyproject.toml).
+EXTRAS = {"pkcs11": "pkcs11", "awskms": "aws", "azurekv": "azure"}
+
 KEY_SPECS = ("RSA-2048", "RSA-3072", "RSA-4096", "EC-P256", "EC-P384", "EC-P521")
 
 
@@ -156,6 +159,7 @@ def backend_class(scheme: str) -> type:
         module = importlib.import_module(module_name)
     except ImportError as exc:  # an optional extra is not installed
         raise BackendConfigError(
-            f"backend {scheme!r} needs an extra that is not installed: pip install 'helseid-signer[{scheme}]' ({exc})"
+            f"backend {scheme!r} needs an extra that is not installed: "
+            f"pip install 'helseid-signer[{EXTRAS.get(scheme, scheme)}]' ({exc})"
         ) from exc
     return getattr(module, class_name)

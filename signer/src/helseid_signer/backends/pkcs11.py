@@ -37,9 +37,11 @@ process serves (``Session.close`` would log out every session of the token).
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import secrets
 import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
@@ -47,15 +49,17 @@ from urllib.parse import unquote, unquote_to_bytes
 
 import pkcs11
 from asn1crypto.core import ObjectIdentifier, OctetString
+from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from pkcs11 import MGF, Attribute, KeyType, Mechanism, ObjectClass
 from pkcs11.exceptions import PKCS11Error
 from pkcs11.util.ec import encode_named_curve_parameters
 
-from ..algorithms import CURVES, CURVES_BY_OID, Algorithm, Padding, PublicKey
+from ..algorithms import ALGORITHMS, CURVES, CURVES_BY_OID, Algorithm, Padding, PublicKey
 from .base import (
     KEY_SPECS,
     BackendConfigError,
+    BackendError,
     BackendUnavailableError,
     KeyNotFoundError,
     ResolvedKey,
@@ -74,6 +78,7 @@ _PSS_PARAMS = {
     "sha384": (Mechanism.SHA384, MGF.SHA384, 48),
     "sha512": (Mechanism.SHA512, MGF.SHA512, 64),
 }
+log = logging.getLogger("helseid_signer.backends.pkcs11")
 _CURVE_NAMES = {"P-256": "secp256r1", "P-384": "secp384r1", "P-521": "secp521r1"}
 
 #: One lock per loaded module path, shared by every backend object of this process.
@@ -179,6 +184,33 @@ def _attr_bytes(obj: Any, attribute: Attribute) -> bytes:
     return bytes(value) if not isinstance(value, bytes) else value
 
 
+RECOVERY_INTERVAL = 1.0  # seconds between attempts to re-initialise Cryptoki
+_SPKI = (serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+
+
+def probe_algorithm(public_key: PublicKey) -> Algorithm:
+    """An algorithm any key of this type can sign with: RS256 for RSA, ES* by curve."""
+    if isinstance(public_key, rsa.RSAPublicKey):
+        return ALGORITHMS["RS256"]
+    return next(a for a in ALGORITHMS.values() if a.curve and isinstance(public_key.curve, a.curve.crypto))
+
+
+class _Stale(Exception):
+    """A key handle lost in an earlier failure: recover before signing."""
+
+
+@dataclass
+class _KeyHandle:
+    """What ``ResolvedKey.handle`` holds: the key's URI, its pinned public key, and the
+    current private-key object (replaced after recovery; None while unavailable)."""
+
+    uri: str
+    parsed: Pkcs11Uri
+    public_key: PublicKey
+    private: Any
+    error: str | None = None
+
+
 class Pkcs11Backend:
     """Keys in a PKCS#11 token. See the module docstring for mechanisms and locking.
 
@@ -198,10 +230,12 @@ class Pkcs11Backend:
         self.module_path = os.path.realpath(module)
         self._pin_env = pin_env
         self._pin_file = pin_file
-        self._lock = module_lock(module)
+        self._lock = module_lock(self.module_path)
         self._lib: Any = None
         self._sessions: dict[tuple[str | None, str | None], Any] = {}
+        self._handles: list[_KeyHandle] = []
         self._healthy = True
+        self._last_recovery = 0.0
 
     # -- Cryptoki state -------------------------------------------------------------
 
@@ -274,7 +308,10 @@ class Pkcs11Backend:
             except PKCS11Error as exc:
                 raise BackendUnavailableError(f"PKCS#11 error resolving {uri!r}: {type(exc).__name__}") from exc
         version = f"serial={serial.strip()};id={object_id.hex()}"
-        return ResolvedKey(uri=uri, version=version, public_key=public_key, handle=private)
+        handle = _KeyHandle(uri, parsed, public_key, private)
+        with self._lock:
+            self._handles.append(handle)
+        return ResolvedKey(uri=uri, version=version, public_key=public_key, handle=handle)
 
     def _check_module(self, parsed: Pkcs11Uri) -> None:
         if parsed.module_path and os.path.realpath(parsed.module_path) != self.module_path:
@@ -320,18 +357,79 @@ class Pkcs11Backend:
             data = signing_input
             mechanism = _RSA_MECHANISMS[(alg.hash_name, alg.padding)]
             param = _PSS_PARAMS[alg.hash_name] if alg.padding is Padding.PSS else None
+        handle: _KeyHandle = key.handle
         with self._lock:
             try:
-                signature = key.handle.sign(data, mechanism=mechanism, mechanism_param=param)
-            except PKCS11Error as exc:
+                if handle.private is None:
+                    raise _Stale
+                signature = handle.private.sign(data, mechanism=mechanism, mechanism_param=param)
+            except (PKCS11Error, _Stale) as first:
+                # A re-initialised token, a restarted HSM or a device error leaves stale
+                # sessions and handles (bug-kinds 22): re-initialise Cryptoki, find the key
+                # again by its URI, and sign once more - only with the SAME public key.
                 self._healthy = False
-                raise BackendUnavailableError(f"PKCS#11 sign failed: {type(exc).__name__}") from exc
-        self._healthy = True
+                if not self._recover():
+                    raise BackendUnavailableError(f"PKCS#11 sign failed and recovery failed: {handle.error}") from None
+                try:
+                    if handle.private is None:
+                        raise BackendUnavailableError(f"PKCS#11 key unavailable after recovery: {handle.error}")
+                    signature = handle.private.sign(data, mechanism=mechanism, mechanism_param=param)
+                except PKCS11Error as exc:
+                    raise BackendUnavailableError(f"PKCS#11 sign failed: {type(exc).__name__}") from exc
+                log.warning("PKCS#11 backend recovered after %s", type(first).__name__)
+            self._healthy = True
         if alg.signature_size is not None and len(signature) != alg.signature_size:
             raise BackendUnavailableError(
                 f"token returned a {len(signature)}-byte ECDSA signature, {alg.signature_size} expected"
             )
         return bytes(signature)
+
+    def _recover(self) -> bool:
+        """Re-initialise Cryptoki and re-find every resolved key (caller holds the lock).
+
+        At most one attempt per second; False when it failed or was skipped. A key whose
+        object now holds a DIFFERENT public key is not used again (its handle stays empty):
+        a request must never get a signature from a key other than the one its kid names.
+        """
+        now = time.monotonic()
+        if now - self._last_recovery < RECOVERY_INTERVAL:
+            return False
+        self._last_recovery = now
+        self._sessions.clear()
+        try:
+            if self._lib is not None:
+                self._lib.reinitialize()  # C_Finalize + C_Initialize: drops every stale session and handle
+        except PKCS11Error as exc:
+            for handle in self._handles:
+                handle.private, handle.error = None, f"C_Initialize failed: {type(exc).__name__}"
+            return False
+        recovered = True
+        for handle in self._handles:
+            try:
+                session = self._session(handle.parsed)
+                private = self._find_one(session, handle.parsed, ObjectClass.PRIVATE_KEY, handle.uri)
+                public = self._public_key(self._find_one(session, handle.parsed, ObjectClass.PUBLIC_KEY, handle.uri))
+                if public.public_bytes(*_SPKI) != handle.public_key.public_bytes(*_SPKI):
+                    handle.private, handle.error = None, f"the key at {handle.uri!r} has changed; not signing with it"
+                    log.error("PKCS#11 key %s has a different public key after recovery", handle.uri)
+                    recovered = False
+                    continue
+                handle.private, handle.error = private, None
+            except (PKCS11Error, BackendError) as exc:
+                handle.private, handle.error = None, f"{type(exc).__name__}: {exc}"
+                recovered = False
+        return recovered
+
+    def probe(self) -> bool:
+        """Health probe: sign a fixed input with each resolved key (recovering if needed)."""
+        for handle in list(self._handles):
+            alg = probe_algorithm(handle.public_key)
+            resolved = ResolvedKey(handle.uri, "", handle.public_key, handle)
+            try:
+                self.sign(resolved, alg, b"helseid-signer health probe")
+            except BackendError:
+                return False
+        return True
 
     def health(self) -> bool:
         """False after a failed Cryptoki call, until a signature succeeds again."""

@@ -1,0 +1,204 @@
+"""Operations with real faults: the SoftHSM token deleted and re-created under a running
+service, a key missing at start-up, and configuration reloads (SIGHUP)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import grpc
+import pytest
+from cryptography.hazmat.primitives.asymmetric import ec
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from jwcrypto import jwk, jws
+
+from helseid_signer_client import SignerClient, SignerError
+from tests.support.signer_proc import running_signer
+from tests.support.signerkit import write_config
+from tests.support.softhsm import create_token, import_private_key
+
+ISSUER = "https://helseid-sts.test.nhn.no"
+SERVING = health_pb2.HealthCheckResponse.SERVING
+NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+
+
+def _health(address: str, service: str = "") -> int:
+    with grpc.insecure_channel(address) as channel:
+        return (
+            health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=service), timeout=3).status
+        )
+
+
+def _wait_health(address: str, status: int, service: str = "", timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while _health(address, service) != status:
+        assert time.monotonic() < deadline, f"health of {service!r} did not become {status}"
+        time.sleep(0.1)
+
+
+def _verifies(token: str, key: ec.EllipticCurvePrivateKey) -> bool:
+    obj = jws.JWS()
+    try:
+        obj.deserialize(token, key=jwk.JWK.from_pyca(key.public_key()))
+        return True
+    except jws.InvalidJWSSignature:
+        return False
+
+
+def _recreate(folder: Path, key: ec.EllipticCurvePrivateKey) -> None:
+    """Delete the token and make a new one with the same label holding ``key``."""
+    shutil.rmtree(folder / "tokens")
+    token = create_token(folder, label="ops")
+    import_private_key(token, key, "k", "01")
+
+
+@pytest.fixture
+def ops(tmp_path):
+    key = ec.generate_private_key(ec.SECP256R1())
+    token = create_token(tmp_path / "token", label="ops")
+    import_private_key(token, key, "k", "01")
+    config = write_config(
+        tmp_path / "signer.toml", token, issuer=ISSUER, client_id="ops",
+        keys={"k": "ES256"}, profiles={"p": ("k", "k")},
+        server_lines=('listen = "127.0.0.1:0"', "insecure = true", "health_interval = 0.2"),
+    )  # fmt: skip
+    return {"key": key, "token": token, "folder": tmp_path / "token", "config": config}
+
+
+def test_token_deleted_and_recreated_recovers_without_restart(ops):
+    with running_signer(ops["config"], env={"SOFTHSM2_CONF": str(ops["token"].conf)}) as address:
+        with SignerClient(address) as client:
+            assert _verifies(client.sign_client_assertion("p").jwt, ops["key"])
+            _wait_health(address, SERVING, "backend:pkcs11")
+
+            # The token disappears: requests fail cleanly, health goes NOT_SERVING, the process stays up.
+            shutil.rmtree(ops["folder"] / "tokens")
+            (ops["folder"] / "tokens").mkdir()
+            with pytest.raises(SignerError) as caught:
+                client.sign_client_assertion("p")
+            assert caught.value.code == grpc.StatusCode.UNAVAILABLE
+            _wait_health(address, NOT_SERVING, "backend:pkcs11")
+            assert _health(address) == NOT_SERVING
+
+            # The same key comes back in a new token: the service recovers by itself.
+            shutil.rmtree(ops["folder"] / "tokens")
+            token = create_token(ops["folder"], label="ops")
+            import_private_key(token, ops["key"], "k", "01")
+            _wait_health(address, SERVING, "backend:pkcs11")
+            results = [client.sign_client_assertion("p") for _ in range(20)]
+            assert all(_verifies(r.jwt, ops["key"]) for r in results)
+
+
+def test_replace_token_under_load_costs_at_most_one_request(ops):
+    with running_signer(ops["config"], env={"SOFTHSM2_CONF": str(ops["token"].conf)}) as address:
+        with SignerClient(address) as client:
+            assert _verifies(client.sign_dpop_proof("p", "POST", ISSUER + "/connect/token").jwt, ops["key"])
+            _recreate(ops["folder"], ops["key"])
+            failures, signed = 0, []
+            for _ in range(30):
+                try:
+                    signed.append(client.sign_dpop_proof("p", "POST", ISSUER + "/connect/token"))
+                except SignerError as exc:
+                    assert exc.code == grpc.StatusCode.UNAVAILABLE
+                    failures += 1
+                time.sleep(0.02)
+    assert failures <= 1 and len(signed) >= 29
+    assert all(_verifies(p.jwt, ops["key"]) for p in signed)
+
+
+def test_a_different_key_in_the_recreated_token_is_never_used(ops):
+    with running_signer(ops["config"], env={"SOFTHSM2_CONF": str(ops["token"].conf)}) as address:
+        with SignerClient(address) as client:
+            kid = client.sign_client_assertion("p").kid
+            impostor = ec.generate_private_key(ec.SECP256R1())
+            _recreate(ops["folder"], impostor)
+            time.sleep(1.2)  # past the recovery interval
+            for _ in range(5):
+                with pytest.raises(SignerError) as caught:
+                    client.sign_client_assertion("p")
+                assert caught.value.code == grpc.StatusCode.UNAVAILABLE
+                time.sleep(0.3)
+            _wait_health(address, NOT_SERVING, "backend:pkcs11")
+            # The original key comes back: signing resumes, under the same kid.
+            _recreate(ops["folder"], ops["key"])
+            _wait_health(address, SERVING, "backend:pkcs11")
+            again = client.sign_client_assertion("p")
+            assert again.kid == kid and _verifies(again.jwt, ops["key"])
+
+
+def test_key_missing_at_start_up_makes_the_backend_not_serving_until_it_appears(tmp_path):
+    key = ec.generate_private_key(ec.SECP256R1())
+    token = create_token(tmp_path / "token", label="ops")
+    config = write_config(
+        tmp_path / "signer.toml", token, issuer=ISSUER, client_id="ops",
+        keys={"k": "ES256"}, profiles={"p": ("k", "k")},
+        server_lines=('listen = "127.0.0.1:0"', "insecure = true", "health_interval = 0.2"),
+    )  # fmt: skip
+    with running_signer(config, env={"SOFTHSM2_CONF": str(token.conf)}) as address:
+        assert _health(address, "backend:pkcs11") == NOT_SERVING and _health(address) == NOT_SERVING
+        with SignerClient(address) as client:
+            with pytest.raises(SignerError) as caught:
+                client.sign_client_assertion("p")
+            assert caught.value.code == grpc.StatusCode.UNAVAILABLE and "not available" in caught.value.details
+            import_private_key(token, key, "k", "01")
+            _wait_health(address, SERVING, "backend:pkcs11", timeout=15)  # retried with backoff (1, 2, 4 s ...)
+            assert _verifies(client.sign_client_assertion("p").jwt, key)
+
+
+def test_bad_configuration_stops_start_up_with_a_message_naming_the_key(ops):
+    bad = ops["config"].read_text().replace('alg = "ES256"', 'alg = "RS256"')
+    path = ops["config"].with_name("bad.toml")
+    path.write_text(bad)
+    result = subprocess.run(
+        [sys.executable, "-m", "helseid_signer.cli", "serve", "--config", str(path)],
+        env=ops["token"].env(), capture_output=True, text=True, timeout=30,
+    )  # fmt: skip
+    assert result.returncode == 2
+    assert "keys.k:" in result.stderr and "RSA" in result.stderr
+
+
+def test_sighup_reloads_a_good_configuration_and_refuses_a_bad_one(ops):
+    config = ops["config"]
+    with running_signer(config, env={"SOFTHSM2_CONF": str(ops["token"].conf)}) as address:
+        with SignerClient(address) as client:
+            assert client.get_client_profile("p").assertion_lifetime_seconds == 10
+            original = config.read_text()
+            # A good change: a second profile and a shorter lifetime.
+            config.write_text(
+                original.replace('dpop_key = "k"', 'dpop_key = "k"\nassertion_lifetime = 5', 1)
+                + '\n[profiles.q]\nclient_id = "q"\nissuer = "https://helseid-sts.nhn.no"\n'
+                'assertion_key = "k"\ndpop_key = "k"\n'
+            )
+            _signal_signer(config, signal.SIGHUP)
+            _eventually(lambda: client.get_client_profile("p").assertion_lifetime_seconds == 5)
+            assert client.get_client_profile("q").issuer == "https://helseid-sts.nhn.no"
+            # A bad change: refused, the running configuration stays.
+            config.write_text(original.replace('alg = "ES256"', 'alg = "ES384"'))
+            _signal_signer(config, signal.SIGHUP)
+            _eventually(lambda: "reload refused" in Path(str(config) + ".log").read_text())
+            assert client.get_client_profile("q").client_id == "q"
+            assert _verifies(client.sign_client_assertion("p").jwt, ops["key"])
+    lines = [json.loads(line) for line in Path(str(config) + ".log").read_text().splitlines() if line.startswith("{")]
+    messages = [e["message"] for e in lines if "message" in e]  # the rest are audit records (stdout)
+    assert any(m.startswith("configuration reloaded") for m in messages)
+    assert any("keys.k" in m for m in messages if m.startswith("reload refused"))
+
+
+def _signal_signer(config: Path, sig: signal.Signals) -> None:
+    """Signal the signer process started for ``config`` (found by its command line)."""
+    out = subprocess.run(["pgrep", "-f", f"serve --config {config}"], capture_output=True, text=True).stdout.split()
+    assert out, "signer process not found"
+    for p in out:
+        subprocess.run(["kill", f"-{sig.name.removeprefix('SIG')}", p], check=True)
+
+
+def _eventually(check, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not check():
+        assert time.monotonic() < deadline, "condition not met in time"
+        time.sleep(0.1)
