@@ -13,10 +13,13 @@ from __future__ import annotations
 import ipaddress
 import re
 import secrets
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
 from .jwt import b64url
+
+if TYPE_CHECKING:
+    from .config import ProfileSettings
 
 #: HTTP methods a DPoP ``htm`` may name, exactly as written (RFC 9110 section 9 + PATCH).
 HTTP_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "DELETE", "CONNECT", "OPTIONS", "TRACE", "PATCH"})
@@ -168,3 +171,37 @@ def assertion_details(
         "type": "helseid_authorization",
         "practitioner_role": {"organization": {"identifier": {"system": system, "type": "ENH", "value": value}}},
     }
+
+
+def build_assertion_claims(
+    profile: ProfileSettings, now: int, jti: str, details: dict[str, Any] | None
+) -> dict[str, Any]:
+    """The claims of a client assertion for ``profile`` (RFC 7523 section 3, HelseID):
+    ``iss``/``sub`` the client id, ``aud`` the issuer exactly as configured, ``iat``/``nbf``
+    ``now``, ``exp`` ``now`` + the profile's lifetime, ``jti``, and ``assertion_details``
+    when given (see :func:`assertion_details`)."""
+    claims: dict[str, Any] = {
+        "iss": profile.client_id,
+        "sub": profile.client_id,
+        "aud": profile.issuer,
+        "iat": now,
+        "nbf": now,
+        "exp": now + profile.assertion_lifetime,
+        "jti": jti,
+    }
+    if details is not None:
+        claims["assertion_details"] = details
+    return claims
+
+
+def build_proof_claims(
+    jti: str, htm: str, htu: str, now: int, nonce: str | None = None, ath: str | None = None
+) -> dict[str, Any]:
+    """The claims of a DPoP proof (RFC 9449 section 4.2) from already checked values:
+    ``jti``, ``htm``, ``htu``, ``iat``, and ``nonce``/``ath`` when given."""
+    claims: dict[str, Any] = {"jti": jti, "htm": htm, "htu": htu, "iat": now}
+    if nonce is not None:
+        claims["nonce"] = nonce
+    if ath is not None:
+        claims["ath"] = ath
+    return claims

@@ -12,6 +12,7 @@ from __future__ import annotations
 import ipaddress
 import re
 import tomllib
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Annotated, Literal
 from urllib.parse import urlsplit
@@ -277,6 +278,56 @@ class KeySettings(_Strict):
         return value
 
 
+def _utc(value: datetime | None) -> datetime | None:
+    if value is not None and (value.tzinfo is None or value.utcoffset() != timedelta(0)):
+        raise ValueError("must be a UTC time with Z, e.g. 2026-12-15T08:00:00Z (the same on every replica)")
+    return value
+
+
+UtcTime = Annotated[datetime, AfterValidator(_utc)]
+
+
+class RotationSettings(_Strict):
+    """``[profiles.NAME.rotation]``: client-assertion key rotation by configuration.
+
+    ``next_key`` is published (GetKeySet, status NEXT) at once and becomes the signing key
+    at ``next_active_from`` (UTC, the same instant on every replica) - but only once it is
+    registered with HelseID: a registration record for its kid must exist (``keys
+    register``), else the current key keeps signing and the refusal is logged and shown in
+    health. After the switch the old current key stays published as PREVIOUS until the
+    configuration is updated. ``previous_key`` is published, verify-only, until
+    ``previous_published_until``; it never signs.
+    """
+
+    next_key: Name | None = None
+    next_active_from: UtcTime | None = None
+    previous_key: Name | None = None
+    previous_published_until: UtcTime | None = None
+
+    @model_validator(mode="after")
+    def _pairs(self) -> RotationSettings:
+        if (self.next_key is None) != (self.next_active_from is None):
+            raise ValueError("next_key and next_active_from go together")
+        if (self.previous_key is None) != (self.previous_published_until is None):
+            raise ValueError("previous_key and previous_published_until go together")
+        return self
+
+
+class SelfServiceSettings(_Strict):
+    """``[selfservice]``: HelseID's self-service API, where ``keys register`` uploads the next
+    key's public JWK (``POST {url}/v1/client-secret``, scope ``nhn:selvbetjening/client``),
+    and ``records_dir``, where registration records (kid, expiry) are kept and read."""
+
+    url: str | None = None
+    scope: str = "nhn:selvbetjening/client"
+    records_dir: ConfigPath
+
+    @field_validator("url")
+    @classmethod
+    def _url(cls, value: str | None) -> str | None:
+        return None if value is None else check_endpoint_url(value)
+
+
 class ProfileSettings(_Strict):
     """``[profiles.NAME]``: one HelseID client as the service signs for it."""
 
@@ -290,6 +341,7 @@ class ProfileSettings(_Strict):
     allowed_organization_numbers: tuple[Annotated[str, Field(pattern=ORGNR_PATTERN)], ...] = ()
     #: DPoP proofs may name the token endpoint and URLs under these bases only.
     api_base_urls: tuple[str, ...] = ()
+    rotation: RotationSettings = RotationSettings()
 
     @field_validator("api_base_urls")
     @classmethod
@@ -318,6 +370,7 @@ class Settings(_Strict):
     server: ServerSettings = ServerSettings()
     backends: BackendsSettings = BackendsSettings()
     audit: AuditSettings = AuditSettings()
+    selfservice: SelfServiceSettings | None = None
     keys: dict[Name, KeySettings]
     profiles: dict[Name, ProfileSettings]
     callers: dict[Name, CallerSettings] = {}
@@ -325,6 +378,18 @@ class Settings(_Strict):
     @model_validator(mode="after")
     def _references(self) -> Settings:
         for name, profile in self.profiles.items():
+            rotation = profile.rotation
+            for field in ("next_key", "previous_key"):
+                key = getattr(rotation, field)
+                if key is not None and key not in self.keys:
+                    raise ValueError(f"profiles.{name}.rotation.{field}: no [keys.{key}] section")
+                if key is not None and key == profile.assertion_key:
+                    raise ValueError(f"profiles.{name}.rotation.{field}: is the current assertion_key")
+            if rotation.next_key is not None and self.selfservice is None:
+                raise ValueError(
+                    f"profiles.{name}.rotation.next_key: needs [selfservice] records_dir (a key becomes current "
+                    "only once registered with HelseID)"
+                )
             for field in ("assertion_key", "dpop_key"):
                 key = getattr(profile, field)
                 if key not in self.keys:

@@ -35,6 +35,7 @@ from .backends.base import KeyBackend
 from .config import ConfigError, ServerSettings, Settings, UnixSocketSettings, load_settings, parse_listen
 from .keys import KeySlot, build_backends, resolve_key_slots
 from .policy import Caller, HtuPolicy, RateLimiter
+from .rotation import AssertionKeys, RegistrationBook
 from .service import Identify, Profile, ServiceState, SignerServicer, Snapshot, add_to_server
 
 log = logging.getLogger("helseid_signer.server")
@@ -59,6 +60,7 @@ class Runtime:
     profiles: dict[str, Profile]
     callers: dict[str, Caller]
     tls_callers: dict[str, Caller]
+    book: RegistrationBook
 
 
 def build_runtime(settings: Settings) -> Runtime:
@@ -66,12 +68,22 @@ def build_runtime(settings: Settings) -> Runtime:
     raise KeyResolutionError / BackendError for configuration errors."""
     backends = build_backends(settings)
     slots = resolve_key_slots(settings, backends, time.monotonic())
+    book = RegistrationBook(settings.selfservice.records_dir if settings.selfservice else None)
     profiles = {
         name: Profile(
             name=name,
             settings=p,
             token_endpoint=p.effective_token_endpoint,
-            assertion_slot=slots[p.assertion_key],
+            assertion_keys=AssertionKeys(
+                current=slots[p.assertion_key],
+                next=slots[p.rotation.next_key] if p.rotation.next_key else None,
+                next_active_from=p.rotation.next_active_from.timestamp() if p.rotation.next_active_from else None,
+                previous=slots[p.rotation.previous_key] if p.rotation.previous_key else None,
+                previous_until=(
+                    p.rotation.previous_published_until.timestamp() if p.rotation.previous_published_until else None
+                ),
+                book=book,
+            ),
             dpop_slot=slots[p.dpop_key],
             htu_policy=HtuPolicy.from_settings(p.effective_token_endpoint, p.api_base_urls),
         )
@@ -81,7 +93,7 @@ def build_runtime(settings: Settings) -> Runtime:
     if settings.server.insecure and not settings.server.insecure_caller:
         callers[IMPLICIT_INSECURE_CALLER] = Caller(IMPLICIT_INSECURE_CALLER, frozenset(profiles))
     tls_callers = {n: callers[name] for name, c in settings.callers.items() for n in c.tls_names}
-    return Runtime(settings, backends, slots, profiles, callers, tls_callers)
+    return Runtime(settings, backends, slots, profiles, callers, tls_callers, book)
 
 
 def build_callers(settings: Settings) -> dict[str, Caller]:
@@ -203,6 +215,7 @@ class Server:
         self.sockets: list[tuple[str, UnixSocketSettings]] = []
         self.tls: TlsFiles | None = None
         self._statuses: dict[str, bool] = {}
+        self._warned: set[str] = set()
 
     @staticmethod
     def _audit_log(settings: Settings) -> AuditLog:
@@ -282,6 +295,13 @@ class Server:
                 else:
                     log.warning("key %s still unavailable (next attempt in %.0f s): %s", slot.name,
                                 slot.next_attempt - now, slot.error)  # fmt: skip
+        await loop.run_in_executor(self.executor, runtime.book.refresh)
+        wall = time.time()
+        for profile in runtime.profiles.values():
+            for warning in profile.assertion_keys.expiry_warnings(wall):
+                if warning not in self._warned:
+                    self._warned.add(warning)
+                    log.warning("profile %s: %s", profile.name, warning)
         statuses: dict[str, bool] = {}
         for scheme, backend in runtime.backends.items():
             pending = [s for s in runtime.slots.values() if s.backend is backend and s.key is None]

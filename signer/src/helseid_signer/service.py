@@ -47,6 +47,7 @@ from .config import ProfileSettings
 from .jwt import compact, json_b64, signing_input
 from .keys import KeySlot, SigningKey
 from .policy import Caller, HtuPolicy, check_caller_may_use
+from .rotation import AssertionKeys
 
 log = logging.getLogger("helseid_signer.service")
 SERVICE = pb.DESCRIPTOR.services_by_name["SignerService"]
@@ -63,7 +64,7 @@ class Profile:
     name: str
     settings: ProfileSettings
     token_endpoint: str
-    assertion_slot: KeySlot
+    assertion_keys: AssertionKeys
     dpop_slot: KeySlot
     htu_policy: HtuPolicy
 
@@ -220,7 +221,7 @@ class SignerServicer:
         if details is not None:
             record["organization_numbers"] = [n for n in (request.parent_organization_number,
                                                           request.child_organization_number) if n]  # fmt: skip
-        key = profile.assertion_slot.get()
+        key = profile.assertion_keys.signing(now).get()
         jwt = await self._sign(key, key.assertion_header, claims, deadline)
         record.update(kid=key.kid, alg=key.alg.name, key_version=key.resolved.version, jti=jti, exp=claims["exp"])
         return pb.SignClientAssertionResponse(
@@ -253,7 +254,8 @@ class SignerServicer:
         return await self._call(context, "client_profile", request, self._client_profile)
 
     async def _client_profile(self, p: Profile, request: Any, record: dict, deadline: float | None) -> Any:
-        assertion_key, dpop_key = p.assertion_slot.get(), p.dpop_slot.get()
+        assertion_key = p.assertion_keys.signing(self._clock()).get()
+        dpop_key = p.dpop_slot.get()
         return pb.GetClientProfileResponse(
             client_id=p.settings.client_id,
             issuer=p.settings.issuer,
@@ -270,13 +272,20 @@ class SignerServicer:
         return await self._call(context, "key_set", request, self._key_set)
 
     async def _key_set(self, p: Profile, request: Any, record: dict, deadline: float | None) -> Any:
-        key = p.assertion_slot.get()
+        published = [(slot.get(), status, since, until) for slot, status, since, until in
+                     p.assertion_keys.published(self._clock())]  # fmt: skip
         return pb.GetKeySetResponse(
-            jwks_json=json.dumps({"keys": [key.published_jwk]}, separators=(",", ":")),
+            jwks_json=json.dumps({"keys": [key.published_jwk for key, *_ in published]}, separators=(",", ":")),
             keys=[
                 pb.PublishedKey(
-                    kid=key.kid, alg=key.alg.name, key_version=key.resolved.version, status=pb.KEY_STATUS_CURRENT
+                    kid=key.kid,
+                    alg=key.alg.name,
+                    key_version=key.resolved.version,
+                    status=pb.KeyStatus.Value(f"KEY_STATUS_{status}"),
+                    active_from=int(since),
+                    published_until=int(until),
                 )
+                for key, status, since, until in published
             ],
             refresh_hint_seconds=KEY_SET_REFRESH_HINT,
         )
