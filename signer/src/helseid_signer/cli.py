@@ -1,4 +1,4 @@
-"""``helseid-signer`` command line: ``serve``, ``keys create``, ``keys jwk``.
+"""``helseid-signer`` command line: ``serve``, ``check``, ``keys create``, ``keys jwk``.
 
 Exit codes: 0 success, 2 usage or configuration error (message on stderr naming the
 key), 1 any other failure. Never prints a private key or a PIN.
@@ -117,6 +117,12 @@ def cmd_keys_jwk(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_check(args: argparse.Namespace) -> int:
+    from .check import run_check
+
+    return run_check(args.config, timeout=args.timeout)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``helseid-signer`` command."""
     parser = argparse.ArgumentParser(prog="helseid-signer", description=__doc__.splitlines()[0])
@@ -127,6 +133,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--config", required=True, help="TOML configuration file")
     p.add_argument("--ready-file", help="write the bound host:port here once serving")
     p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser(
+        "check",
+        help="validate a configuration: keys, test signatures, discovery, clock, risky settings",
+        description="Exit 0: no errors (warnings allowed); 1: errors; 2: invalid configuration.",
+    )
+    p.add_argument("--config", required=True, help="TOML configuration file")
+    p.add_argument("--timeout", type=float, default=3.0, help="seconds to wait for each discovery document")
+    p.set_defaults(func=cmd_check)
 
     keys = sub.add_parser("keys", help="key lifecycle").add_subparsers(dest="keys_command", required=True)
     p = keys.add_parser("create", help="create a non-exportable signing key and print its public JWK")
