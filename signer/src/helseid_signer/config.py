@@ -313,6 +313,19 @@ class RotationSettings(_Strict):
         return self
 
 
+class MetricsSettings(_Strict):
+    """``[metrics]``: the Prometheus endpoint (plain HTTP ``GET /metrics``), on its own port
+    so that a NetworkPolicy can admit only the monitoring namespace to it."""
+
+    listen: str
+
+    @field_validator("listen")
+    @classmethod
+    def _listen(cls, value: str) -> str:
+        parse_listen(value)
+        return value
+
+
 class SelfServiceSettings(_Strict):
     """``[selfservice]``: HelseID's self-service API, where ``keys register`` uploads the next
     key's public JWK (``POST {url}/v1/client-secret``, scope ``nhn:selvbetjening/client``),
@@ -371,6 +384,7 @@ class Settings(_Strict):
     backends: BackendsSettings = BackendsSettings()
     audit: AuditSettings = AuditSettings()
     selfservice: SelfServiceSettings | None = None
+    metrics: MetricsSettings | None = None
     keys: dict[Name, KeySettings]
     profiles: dict[Name, ProfileSettings]
     callers: dict[Name, CallerSettings] = {}

@@ -15,6 +15,7 @@ import logging
 import multiprocessing
 import os
 import pwd
+import shutil
 import signal
 import socket
 import stat
@@ -24,18 +25,20 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from helseid_signer_client._proto import signer_pb2
 
+from . import metrics
 from .audit import AuditLog
 from .backends.base import KeyBackend
 from .config import ConfigError, ServerSettings, Settings, UnixSocketSettings, load_settings, parse_listen
 from .keys import KeySlot, build_backends, resolve_key_slots
 from .policy import Caller, HtuPolicy, RateLimiter
-from .rotation import AssertionKeys, RegistrationBook
+from .rotation import AssertionKeys, RegistrationBook, days_to_expiry
 from .service import Identify, Profile, ServiceState, SignerServicer, Snapshot, add_to_server
 
 log = logging.getLogger("helseid_signer.server")
@@ -302,12 +305,18 @@ class Server:
                 if warning not in self._warned:
                     self._warned.add(warning)
                     log.warning("profile %s: %s", profile.name, warning)
+        for profile in runtime.profiles.values():
+            for slot, status, _, _ in profile.assertion_keys.published(wall):
+                days = days_to_expiry(runtime.book, slot.key.kid, wall) if slot.key else None
+                if days is not None:
+                    metrics.KEY_EXPIRY_DAYS.labels(profile.name, slot.name, slot.key.kid, status).set(days)
         statuses: dict[str, bool] = {}
         for scheme, backend in runtime.backends.items():
             pending = [s for s in runtime.slots.values() if s.backend is backend and s.key is None]
             probe = getattr(backend, "probe", backend.health)
             ok = not pending and await loop.run_in_executor(self.executor, probe)
             statuses[f"backend:{scheme}"] = bool(ok)
+            metrics.BACKEND_UP.labels(scheme).set(1 if ok else 0)
         overall = all(statuses.values())
         for name, ok in {**statuses, "": overall, SERVICE_NAME: overall}.items():
             if self._statuses.get(name) != ok:
@@ -382,6 +391,8 @@ async def serve(
     its supervisor reserved)."""
     server = Server(settings, config_path, listen)
     await server.start()
+    if settings.metrics and not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        start_metrics_server(settings.metrics.listen)
     if ready_file:
         tmp = Path(ready_file + ".tmp")
         tmp.write_text(server.addresses[0])
@@ -396,6 +407,16 @@ async def serve(
     await stop.wait()
     health_task.cancel()
     await server.stop()
+
+
+def start_metrics_server(listen: str, registry: Any = None) -> None:
+    """Serve ``GET /metrics`` on ``listen`` (host:port) in a daemon thread."""
+    import prometheus_client
+
+    host, port = parse_listen(listen)
+    kwargs = {"registry": registry} if registry is not None else {}
+    prometheus_client.start_http_server(port, addr=host, **kwargs)
+    log.info("metrics on http://%s/metrics", listen)
 
 
 def _worker(settings: Settings, ready_file: str, config_path: str | None, listen: str) -> None:
@@ -435,6 +456,16 @@ def run(settings: Settings, ready_file: str | None = None, config_path: str | No
     reservation, port = _reserve_port(host, port)
     listen = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
     context = multiprocessing.get_context("spawn")
+    metrics_dir = None
+    if settings.metrics:
+        # prometheus-client multiprocess mode: set before the workers import it
+        metrics_dir = tempfile.mkdtemp(prefix="helseid-signer-metrics-")
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir
+        from prometheus_client import CollectorRegistry, multiprocess
+
+        registry = CollectorRegistry()
+        multiprocess.MultiProcessCollector(registry, path=metrics_dir)
+        start_metrics_server(settings.metrics.listen, registry)
     stopping = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stopping.set())
@@ -461,6 +492,10 @@ def run(settings: Settings, ready_file: str | None = None, config_path: str | No
             for i, proc in enumerate(procs):
                 if not proc.is_alive() and time.monotonic() - last_restart > 1.0:
                     log.error("worker %d exited with %s; restarting it", i, proc.exitcode)
+                    if metrics_dir and proc.pid:
+                        from prometheus_client import multiprocess
+
+                        multiprocess.mark_process_dead(proc.pid, metrics_dir)
                     last_restart = time.monotonic()
                     procs[i] = context.Process(
                         target=_worker, args=(settings, ready_paths[i], config_path, listen), name=f"worker-{i}"
@@ -473,3 +508,5 @@ def run(settings: Settings, ready_file: str | None = None, config_path: str | No
             if proc.is_alive():
                 proc.kill()
     reservation.close()
+    if metrics_dir:
+        shutil.rmtree(metrics_dir, ignore_errors=True)

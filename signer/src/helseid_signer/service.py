@@ -30,6 +30,7 @@ import grpc
 
 from helseid_signer_client._proto import signer_pb2 as pb
 
+from . import metrics
 from .audit import AuditError, AuditLog
 from .backends.base import BackendError
 from .claims import (
@@ -108,7 +109,10 @@ def sign_compact(key: SigningKey, header_b64: str, claims: dict[str, Any], deadl
     """Sign ``claims`` under the JOSE header ``header_b64`` with ``key`` (blocking, within
     ``deadline``) and return the compact JWS. The service's signing path; ``check`` uses it too."""
     data = signing_input(header_b64, json_b64(claims))
-    return compact(data, key.sign(data, deadline))
+    started = time.perf_counter()
+    signature = key.sign(data, deadline)
+    metrics.BACKEND_SIGN_SECONDS.labels(key.backend.scheme, key.alg.name).observe(time.perf_counter() - started)
+    return compact(data, signature)
 
 
 Work = Callable[[Profile, Any, dict[str, Any], float | None], Awaitable[Any]]
@@ -188,9 +192,15 @@ class SignerServicer:
             await self._refuse(context, record, started, "failed", "INTERNAL", "internal error")
         raise AssertionError("unreachable")  # context.abort always raises
 
-    @staticmethod
-    def _write_audit(audit: AuditLog, record: dict[str, Any], started: float) -> None:
-        record["latency_ms"] = round((time.perf_counter() - started) * 1000, 3)
+    def _write_audit(self, audit: AuditLog, record: dict[str, Any], started: float) -> None:
+        elapsed = time.perf_counter() - started
+        record["latency_ms"] = round(elapsed * 1000, 3)
+        # Only configured profile names become label values: callers cannot inflate the label set.
+        profile = record["profile"] if record["profile"] in self._state.current.profiles else "-"
+        metrics.REQUESTS.labels(
+            profile, record["purpose"], record.get("alg", ""), record.get("backend", ""), record["status"]
+        ).inc()
+        metrics.REQUEST_SECONDS.labels(record["purpose"]).observe(elapsed)
         audit.write(record)
 
     async def _refuse(self, context: Any, record: dict, started: float, outcome: str, code: str, message: str) -> None:
@@ -223,7 +233,8 @@ class SignerServicer:
                                                           request.child_organization_number) if n]  # fmt: skip
         key = profile.assertion_keys.signing(now).get()
         jwt = await self._sign(key, key.assertion_header, claims, deadline)
-        record.update(kid=key.kid, alg=key.alg.name, key_version=key.resolved.version, jti=jti, exp=claims["exp"])
+        record.update(kid=key.kid, alg=key.alg.name, backend=key.backend.scheme, key_version=key.resolved.version)
+        record.update(jti=jti, exp=claims["exp"])
         return pb.SignClientAssertionResponse(
             jwt=jwt, kid=key.kid, alg=key.alg.name, jti=jti, issued_at=now, expires_at=claims["exp"]
         )
@@ -246,7 +257,8 @@ class SignerServicer:
         claims = build_proof_claims(jti, htm, htu, now, nonce, ath)
         key = profile.dpop_slot.get()
         jwt = await self._sign(key, key.dpop_header, claims, deadline)
-        record.update(kid=key.kid, alg=key.alg.name, key_version=key.resolved.version, jti=jti)
+        record.update(kid=key.kid, alg=key.alg.name, backend=key.backend.scheme, key_version=key.resolved.version)
+        record["jti"] = jti
         return pb.SignDpopProofResponse(jwt=jwt, jkt=key.kid, alg=key.alg.name, jti=jti, issued_at=now, htu=htu)
 
     async def GetClientProfile(self, request: Any, context: Any) -> pb.GetClientProfileResponse:

@@ -74,6 +74,7 @@ from botocore.exceptions import (
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.hazmat.primitives.serialization import load_der_public_key
 
+from .. import metrics
 from ..algorithms import P256, P384, P521, Algorithm, AlgorithmError, Curve, KeyType, PublicKey
 from ..jwt import der_to_raw
 from .base import (
@@ -290,6 +291,8 @@ class AwsKmsBackend:
             if call.expired():
                 raise _Abandoned()
             call.sends += 1
+            if call.sends > 1:
+                metrics.BACKEND_RETRIES.labels(self.scheme).inc()
 
     def _needs_retry(self, response: Any = None, caught_exception: Any = None, **_: Any) -> bool | None:
         """First needs-retry handler: note the attempt's error; veto any retry once the
@@ -301,6 +304,8 @@ class AwsKmsBackend:
             call.last_error = type(caught_exception).__name__
         elif response is not None:
             call.last_error = response[1].get("Error", {}).get("Code") or call.last_error
+            if call.last_error in THROTTLING_CODES:
+                metrics.BACKEND_THROTTLED.labels(self.scheme).inc()
         return False if call.expired() else None
 
     def _run(self, call: _Call, operation: str, params: dict[str, Any]) -> dict[str, Any]:

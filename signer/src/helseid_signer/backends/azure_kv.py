@@ -65,6 +65,7 @@ from azure.keyvault.keys.crypto import CryptographyClient, SignatureAlgorithm
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from pydantic import ValidationError
 
+from .. import metrics
 from ..algorithms import CURVES, Algorithm, AlgorithmError, KeyType, PublicKey, check_key_fits
 from ..config import AzureKvSettings
 from .base import (
@@ -231,6 +232,7 @@ class DeadlineRetryPolicy(RetryPolicy):
         if isinstance(response, PipelineResponse):
             status = response.http_response.status_code
             if status == 429:
+                metrics.BACKEND_THROTTLED.labels("azurekv").inc()
                 with self._count_lock:
                     self.throttled += 1
         if not super().increment(settings, response=response, error=error):
@@ -245,6 +247,7 @@ class DeadlineRetryPolicy(RetryPolicy):
             log.debug("azurekv: no retry (status %s): waiting %.2fs would pass the deadline", status, delay)
             return False
         settings["next_delay"] = delay
+        metrics.BACKEND_RETRIES.labels("azurekv").inc()
         with self._count_lock:
             self.retries += 1
         return True

@@ -55,6 +55,7 @@ from pkcs11 import MGF, Attribute, KeyType, Mechanism, ObjectClass
 from pkcs11.exceptions import PKCS11Error
 from pkcs11.util.ec import encode_named_curve_parameters
 
+from .. import metrics
 from ..algorithms import ALGORITHMS, CURVES, CURVES_BY_OID, Algorithm, Padding, PublicKey
 from .base import (
     KEY_SPECS,
@@ -287,6 +288,7 @@ class Pkcs11Backend:
             except pkcs11.UserAlreadyLoggedIn:  # login state is per token: fine
                 session = token.open(rw=True)
             self._sessions[key] = session
+            metrics.PKCS11_SESSIONS.labels(self.module_path).set(len(self._sessions))
         return session
 
     # -- KeyBackend -----------------------------------------------------------------
