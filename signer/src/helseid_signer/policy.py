@@ -11,8 +11,9 @@ Decisions (docs/security.md):
   with the same message, so callers cannot probe which profiles exist;
 * a DPoP ``htu`` must be the profile's token endpoint or lie under one of its API base
   URLs: scheme, host and port equal; the path equal to the base path or continuing
-  after ``/``. Dot-segments (also percent-encoded), encoded slashes and backslashes are
-  refused, so ``https://api.x.no.evil`` and ``/api-admin`` never match ``https://api.x.no/api``.
+  after ``/``. Dot-segments (also percent-encoded, or with ``;`` parameters as in
+  ``..;x``), encoded slashes and backslashes are refused, so ``https://api.x.no.evil``,
+  ``/api-admin`` and ``/api/..;/admin`` never match ``https://api.x.no/api``.
 """
 
 from __future__ import annotations
@@ -25,7 +26,9 @@ from urllib.parse import urlsplit
 
 from .claims import RequestError, canonical_htu
 
-_DOT_SEGMENT = re.compile(r"(^|/)(\.|%2e){1,2}(/|$)", re.I)
+#: A dot-segment, also percent-encoded, also with path parameters (``..;x``: Tomcat and
+#: other servlet containers strip ``;...`` and then resolve ``..``).
+_DOT_SEGMENT = re.compile(r"(^|/)(\.|%2e){1,2}(;[^/]*)?(/|$)", re.I)
 _ENCODED_SEPARATOR = re.compile(r"%(2f|5c)", re.I)
 
 
