@@ -173,6 +173,25 @@ def test_risky_settings_are_warnings_not_errors(hsm, authserver, tmp_path):
     assert lines[-1] == f"check passed: {len(findings(lines, 'ok'))} ok, 1 info, {len(expected)} warning(s), 0 error(s)"
 
 
+def test_rotation_next_key_signs_a_test_assertion_too(hsm, tmp_path):
+    issuer = closed_port_url()
+    path = config(
+        hsm, "rotation", keys={"es384": "ES384", "ps256": "PS256", "es256": "ES256"}, issuer=issuer,
+        extra=["[selfservice]", f'records_dir = "{tmp_path}"'],
+    )  # fmt: skip
+    path.write_text(
+        path.read_text().replace(
+            "[profiles.main]\n",
+            '[profiles.main]\nrotation = { next_key = "es256", next_active_from = 2030-01-01T00:00:00Z }\n',
+        )
+    )
+    status, lines, output = run_check(hsm, path)
+    assert status == 0, output
+    ok = findings(lines, "ok")
+    signed = "profiles.main: test client assertion (rotation.next_key) signed with keys.es256 and verified (kid "
+    assert any(line.startswith(signed + hsm["jwks"]["es256"]["kid"]) for line in ok), ok
+
+
 def test_alg_that_does_not_fit_its_key_is_an_error_naming_the_key(hsm):
     issuer = closed_port_url()
     path = config(

@@ -6,17 +6,18 @@ In order, each step printing one line per finding (``ok:``, ``info:``, ``warning
 1. the file validates (otherwise the message names the key, exit 2);
 2. every key resolves in its backend and fits its ``alg`` (RSA >= 2048 bits; ES256/384/512
    on P-256/384/521) - the same checks the service makes at start-up;
-3. per profile, a test client assertion and a test DPoP proof are built and signed through
-   the service's own path (:func:`claims.build_assertion_claims`,
-   :func:`service.sign_compact`) and verified here with ``cryptography`` alone: the
-   signature, the header (``alg``, ``typ``, ``kid`` as an RFC 7638 thumbprint computed
-   here, the public-only ``jwk``) and the claims;
+3. per profile, a test client assertion (also one with the rotation's next key, if any)
+   and a test DPoP proof are built and signed through the service's own path
+   (:func:`claims.build_assertion_claims`, :func:`service.sign_compact`) and verified here
+   with ``cryptography`` alone: the signature, the header (``alg``, ``typ``, ``kid`` as an
+   RFC 7638 thumbprint computed here, the public-only ``jwk``) and the claims;
 4. each issuer's discovery document, when reachable (unreachable is a warning): its
    ``issuer`` and ``token_endpoint`` must equal the profile's, and its HTTP ``Date`` must
    be within 5 s of the local clock (a warning otherwise);
 5. risky settings: plaintext listener, a Unix socket others may use, reflection, assertion
-   lifetimes over 30 s, one key for both assertions and proofs, one key for two issuers,
-   audit ``on_failure = continue`` (warnings); a caller without a rate limit (info).
+   lifetimes over 30 s, one key for both assertions and proofs, one key (current, next or
+   previous) for two issuers, audit ``on_failure = continue`` (warnings); a caller
+   without a rate limit (info).
 
 Exit status: 0 without errors (warnings allowed), 1 with errors, 2 when the file is invalid.
 Never prints a PIN, a private key or a JWS: keys appear as ``kid`` and ``alg`` only.
@@ -297,16 +298,20 @@ def _check_proof(p: ProfileSettings, key: SigningKey, now: int) -> str:
 
 
 def check_profiles(settings: Settings, keys: dict[str, SigningKey], report: Report, clock: Callable[[], float]) -> None:
-    """Per profile: sign a test assertion and a test proof and verify both here."""
+    """Per profile: sign a test assertion and a test proof and verify both here; also a test
+    assertion with the rotation's next key, which will sign once it is current."""
     for name, p in settings.profiles.items():
-        for what, key_name in (("test client assertion", p.assertion_key), ("test DPoP proof", p.dpop_key)):
+        roles = [("test client assertion", p.assertion_key), ("test DPoP proof", p.dpop_key)]
+        if p.rotation.next_key is not None:
+            roles.append(("test client assertion (rotation.next_key)", p.rotation.next_key))
+        for what, key_name in roles:
             key = keys.get(key_name)
             if key is None:
                 report.error(f"profiles.{name}: no {what}: keys.{key_name} is not usable (see above)")
                 continue
             now = int(clock())
             try:
-                detail = _check_assertion(p, key, now) if what == "test client assertion" else _check_proof(p, key, now)
+                detail = _check_proof(p, key, now) if what == "test DPoP proof" else _check_assertion(p, key, now)
             except VerifyError as exc:
                 report.error(f"profiles.{name}: {what} signed with keys.{key_name} does not verify: {exc}")
             except Exception as exc:
@@ -433,7 +438,9 @@ def check_settings(settings: Settings, keys: dict[str, SigningKey], report: Repo
                 f"profiles.{name}: one key (keys.{same}) signs both client assertions and DPoP proofs; "
                 "separate keys limit what one leak reaches"
             )
-        for key_name in (p.assertion_key, p.dpop_key):
+        for key_name in (p.assertion_key, p.dpop_key, p.rotation.next_key, p.rotation.previous_key):
+            if key_name is None:
+                continue
             issuers_of.setdefault(identity[key_name], set()).add(p.issuer)
             names_of.setdefault(identity[key_name], set()).add(key_name)
     for ident, issuers in issuers_of.items():
