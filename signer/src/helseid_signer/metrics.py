@@ -11,6 +11,8 @@ Names and labels (no label ever holds a token, a key or a caller-chosen free tex
 * ``helseid_signer_backend_retries_total{backend}``, ``helseid_signer_backend_throttled_total{backend}``;
 * ``helseid_signer_backend_up{backend}`` - 1 while the backend can sign (health probe);
 * ``helseid_signer_pkcs11_sessions{module}`` - open PKCS#11 sessions;
+* ``helseid_signer_key_pinning_drift{key}`` - 1 when an alias now names another key or a
+  newer key version exists (the pinned version keeps signing);
 * ``helseid_signer_key_registration_expiry_days{profile,key,kid,status}`` - days until a
   published assertion key's HelseID registration expires (alert below 14).
 
@@ -53,5 +55,11 @@ KEY_EXPIRY_DAYS = Gauge(
     "helseid_signer_key_registration_expiry_days",
     "Days until a published assertion key's HelseID registration expires.",
     ["profile", "key", "kid", "status"],
+    multiprocess_mode="livemostrecent",
+)
+KEY_PINNING_DRIFT = Gauge(
+    "helseid_signer_key_pinning_drift",
+    "1 when the key store has moved on from the pinned key version (alias moved, newer version).",
+    ["key"],
     multiprocess_mode="livemostrecent",
 )

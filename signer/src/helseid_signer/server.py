@@ -34,7 +34,7 @@ from helseid_signer_client._proto import signer_pb2
 
 from . import metrics
 from .audit import AuditLog
-from .backends.base import KeyBackend
+from .backends.base import BackendError, DriftReporter, KeyBackend
 from .config import ConfigError, ServerSettings, Settings, UnixSocketSettings, load_settings, parse_listen
 from .keys import KeySlot, build_backends, resolve_key_slots
 from .policy import Caller, HtuPolicy, RateLimiter
@@ -48,6 +48,7 @@ SERVICE_NAME = signer_pb2.DESCRIPTOR.services_by_name["SignerService"].full_name
 MAX_MESSAGE_BYTES = 64 * 1024
 STOP_GRACE = 5.0  # seconds in-flight requests get after SIGTERM
 IMPLICIT_INSECURE_CALLER = "insecure-development"
+DRIFT_CHECK_INTERVAL = 300.0  # seconds between asking cloud backends whether a pinned key moved on
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 
@@ -219,6 +220,7 @@ class Server:
         self.tls: TlsFiles | None = None
         self._statuses: dict[str, bool] = {}
         self._warned: set[str] = set()
+        self._next_drift_check = 0.0
 
     @staticmethod
     def _audit_log(settings: Settings) -> AuditLog:
@@ -310,6 +312,9 @@ class Server:
                 days = days_to_expiry(runtime.book, slot.key.kid, wall) if slot.key else None
                 if days is not None:
                     metrics.KEY_EXPIRY_DAYS.labels(profile.name, slot.name, slot.key.kid, status).set(days)
+        if time.monotonic() >= self._next_drift_check:
+            self._next_drift_check = time.monotonic() + DRIFT_CHECK_INTERVAL
+            await self._check_drift(runtime)
         statuses: dict[str, bool] = {}
         for scheme, backend in runtime.backends.items():
             pending = [s for s in runtime.slots.values() if s.backend is backend and s.key is None]
@@ -324,6 +329,22 @@ class Server:
                     log.warning("%s is now %s", name, "SERVING" if ok else "NOT_SERVING")
                 await self.health.set(name, SERVING if ok else NOT_SERVING)
         self._statuses = {**statuses, "": overall, SERVICE_NAME: overall}
+
+    async def _check_drift(self, runtime: Runtime) -> None:
+        """Ask backends that can tell whether a pinned key's reference moved on (an AWS alias,
+        a newer Azure version); log each new finding once and export it as a metric."""
+        loop = asyncio.get_running_loop()
+        for slot in runtime.slots.values():
+            if slot.key is None or not isinstance(slot.backend, DriftReporter):
+                continue
+            try:
+                message = await loop.run_in_executor(self.executor, slot.backend.drift_message, slot.key.resolved)
+            except BackendError as exc:
+                message = f"cannot check: {exc}"
+            metrics.KEY_PINNING_DRIFT.labels(slot.name).set(1 if message else 0)
+            if message and message not in self._warned:
+                self._warned.add(message)
+                log.warning("key %s (kid %s): %s", slot.name, slot.key.kid, message)
 
     async def health_loop(self, interval: float) -> None:
         """Run :meth:`check_health` every ``interval`` seconds until cancelled."""

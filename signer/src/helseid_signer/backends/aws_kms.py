@@ -460,6 +460,10 @@ class AwsKmsBackend:
             raise BackendError(f"AWS KMS returned a {len(signature)}-byte RSA signature, {expected} expected")
         return signature
 
+    def drift_message(self, key: ResolvedKey, deadline: float | None = None) -> str | None:
+        """:class:`~.base.DriftReporter`: see :meth:`check_pinning`."""
+        return self.check_pinning(key, deadline)
+
     def check_pinning(self, key: ResolvedKey, deadline: float | None = None) -> str | None:
         """For a key configured by alias: ask KMS where the alias points now. If it points
         to another key, log a warning and return a message for health detail; the pinned

@@ -474,6 +474,11 @@ class AzureKvBackend:
 
     # -- versions -------------------------------------------------------------------
 
+    def drift_message(self, key: ResolvedKey, deadline: float | None = None) -> str | None:
+        """:class:`~.base.DriftReporter`: a newer version of the key exists in the vault."""
+        newer = self.newer_version(key, deadline)
+        return None if newer is None else f"the vault's current version is {newer}; {key.version} keeps signing"
+
     def newer_version(self, key: ResolvedKey, deadline: float | None = None) -> str | None:
         """The versioned URL of the vault's current version of ``key`` when it is not the
         pinned one (a rotation happened since resolve), else None. Logged once per new

@@ -130,6 +130,18 @@ class AlgChecker(Protocol):
         ...
 
 
+@runtime_checkable
+class DriftReporter(Protocol):
+    """Optional: report that the key store has moved on from the pinned key version (an AWS
+    alias now names another key; a newer Azure key version exists). The pinned version
+    keeps signing - HelseID has registered only it - until the configuration changes; the
+    server logs the message and exports it as a metric (``helseid_signer_key_pinning_drift``)."""
+
+    def drift_message(self, key: ResolvedKey, deadline: float | None = None) -> str | None:
+        """A message when the reference now resolves elsewhere, else None."""
+        ...
+
+
 #: URI scheme -> "module:Class" of the backend; imported only when a key uses it, so the
 #: cloud SDKs need not be installed where they are not used.
 REGISTRY: dict[str, str] = {
