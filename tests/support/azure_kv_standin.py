@@ -137,7 +137,7 @@ class KeyVersion:
 class Fault:
     """An injected fault: applies to the next ``remaining`` matching requests (None: all)."""
 
-    kind: str  # "throttle" | "deny" | "delay"
+    kind: str  # "throttle" | "deny" | "delay" | "unavailable"
     operations: frozenset[str]
     remaining: int | None
     retry_after: str | None = None
@@ -330,6 +330,11 @@ class KeyVaultStandIn:
         """The next ``count`` authorised requests of ``operations`` get 403 ``Forbidden``, as
         when the caller's identity lacks the role (RBAC) or access-policy permission."""
         self._add(Fault("deny", frozenset(operations), count))
+
+    def unavailable(self, count: int | None = None, *, operations: tuple[str, ...] = ("sign",)) -> None:
+        """The next ``count`` authorised requests of ``operations`` get 503
+        ``ServiceUnavailable`` (a vault in trouble; azure-core retries 503)."""
+        self._add(Fault("unavailable", frozenset(operations), count))
 
     def delay(self, seconds: float, count: int | None = None, *, operations: tuple[str, ...] = ("sign",)) -> None:
         """Hold the next ``count`` requests of ``operations`` for ``seconds`` before answering."""
@@ -634,6 +639,8 @@ class _Handler(http.server.BaseHTTPRequestHandler):
                         "Reason: VaultRequestTypeLimitReached",
                         {"Retry-After": fault.retry_after} if fault.retry_after is not None else {},
                     )
+                elif fault.kind == "unavailable":
+                    raise _Error(503, "ServiceUnavailable", "The service is temporarily unavailable.")
                 elif fault.kind == "deny":
                     raise _Error(
                         403,

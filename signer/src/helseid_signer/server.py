@@ -22,6 +22,7 @@ import stat
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -48,6 +49,7 @@ SERVICE_NAME = signer_pb2.DESCRIPTOR.services_by_name["SignerService"].full_name
 MAX_MESSAGE_BYTES = 64 * 1024
 STOP_GRACE = 5.0  # seconds in-flight requests get after SIGTERM
 IMPLICIT_INSECURE_CALLER = "insecure-development"
+PROBE_TIMEOUT = 3.0  # seconds a health probe signature may take
 DRIFT_CHECK_INTERVAL = 300.0  # seconds between asking cloud backends whether a pinned key moved on
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
@@ -318,7 +320,7 @@ class Server:
         statuses: dict[str, bool] = {}
         for scheme, backend in runtime.backends.items():
             pending = [s for s in runtime.slots.values() if s.backend is backend and s.key is None]
-            probe = getattr(backend, "probe", backend.health)
+            probe = getattr(backend, "probe", None) or self._probe_fallback(runtime, backend)
             ok = not pending and await loop.run_in_executor(self.executor, probe)
             statuses[f"backend:{scheme}"] = bool(ok)
             metrics.BACKEND_UP.labels(scheme).set(1 if ok else 0)
@@ -329,6 +331,26 @@ class Server:
                     log.warning("%s is now %s", name, "SERVING" if ok else "NOT_SERVING")
                 await self.health.set(name, SERVING if ok else NOT_SERVING)
         self._statuses = {**statuses, "": overall, SERVICE_NAME: overall}
+
+    @staticmethod
+    def _probe_fallback(runtime: Runtime, backend: KeyBackend) -> Callable[[], bool]:
+        """For a backend without ``probe()``: its own ``health()``, and when that says no, one
+        real signature with one of its keys - so a backend that came back (a KMS endpoint
+        restarted) is seen as SERVING again even when no request has arrived since."""
+        slot = next((s for s in runtime.slots.values() if s.backend is backend and s.key is not None), None)
+
+        def probe() -> bool:
+            if backend.health():
+                return True
+            if slot is None or slot.key is None:
+                return False
+            try:
+                slot.key.sign(b"helseid-signer health probe", time.monotonic() + PROBE_TIMEOUT)
+                return True
+            except BackendError:
+                return False
+
+        return probe
 
     async def _check_drift(self, runtime: Runtime) -> None:
         """Ask backends that can tell whether a pinned key's reference moved on (an AWS alias,

@@ -173,7 +173,9 @@ class SignerServicer:
                 record["profile"] = check_profile_name(request.profile)
             check_caller_may_use(caller, request.profile)
             remaining = context.time_remaining()
-            deadline = None if remaining is None else time.monotonic() + remaining
+            # Backends must give up a little BEFORE the caller does, so that the caller gets
+            # this service's answer (UNAVAILABLE, RESOURCE_EXHAUSTED) instead of DEADLINE_EXCEEDED.
+            deadline = None if remaining is None else time.monotonic() + remaining - min(0.5, 0.1 * remaining)
             state = self._state.current
             response = await work(state.profiles[request.profile], request, record, deadline)
             record.update(outcome="signed" if "jti" in record else "answered", status="OK")

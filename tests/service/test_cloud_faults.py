@@ -1,0 +1,148 @@
+"""Real faults under a running service with cloud keys: the KMS endpoint becomes
+unreachable and comes back (through a proxy the test cuts and restores), and the Key
+Vault stand-in answers 429 and 503. The process stays up, requests get clean statuses,
+health follows, and every signature verifies under the key its kid names."""
+
+from __future__ import annotations
+
+import time
+
+import boto3
+import grpc
+import pytest
+from cryptography.hazmat.primitives.serialization import load_der_public_key
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from jwcrypto import jwk, jws
+
+from helseid_signer_client import SignerClient, SignerError
+from tests.support.azure_kv_standin import running_standin
+from tests.support.kms_endpoint import TEST_AWS_ENV, TEST_REGION, aws_test_environment, running_kms_endpoint
+from tests.support.signer_proc import running_signer
+from tests.support.tcp_proxy import TcpProxy
+
+ISSUER = "https://helseid-sts.test.nhn.no"
+SERVING = health_pb2.HealthCheckResponse.SERVING
+NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+
+
+def _health(address: str, service: str) -> int:
+    with grpc.insecure_channel(address) as channel:
+        return (
+            health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=service), timeout=3).status
+        )
+
+
+def _wait_health(address: str, service: str, status: int, timeout: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout
+    while _health(address, service) != status:
+        assert time.monotonic() < deadline, f"{service} did not become {status}"
+        time.sleep(0.2)
+
+
+def _verify(token: str, key: jwk.JWK) -> dict:
+    obj = jws.JWS()
+    obj.deserialize(token, key=key)
+    return obj.jose_header
+
+
+def _config(path, backend_lines: list[str], uri: str, alg: str) -> None:
+    path.write_text(
+        "\n".join(
+            [
+                "[server]",
+                'listen = "127.0.0.1:0"',
+                "insecure = true",
+                "health_interval = 0.2",
+                "",
+                *backend_lines,
+                "",
+                "[keys.k]",
+                f'uri = "{uri}"',
+                f'alg = "{alg}"',
+                "",
+                "[profiles.p]",
+                'client_id = "c"',
+                f'issuer = "{ISSUER}"',
+                'assertion_key = "k"',
+                'dpop_key = "k"',
+                "",
+            ]
+        )  # fmt: skip
+    )
+
+
+def test_kms_endpoint_unreachable_then_back(tmp_path):
+    with aws_test_environment(), running_kms_endpoint() as endpoint, TcpProxy(endpoint.url) as proxy:
+        kms = boto3.client("kms", region_name=TEST_REGION, endpoint_url=endpoint.url)
+        arn = kms.create_key(KeyUsage="SIGN_VERIFY", KeySpec="ECC_NIST_P256")["KeyMetadata"]["Arn"]
+        public = jwk.JWK.from_pyca(load_der_public_key(kms.get_public_key(KeyId=arn)["PublicKey"]))
+        config = tmp_path / "signer.toml"
+        backend = [
+            "[backends.awskms]",
+            f'region = "{TEST_REGION}"',
+            f'endpoint_url = "{proxy.url}"',
+            "max_attempts = 2",
+        ]
+        _config(config, backend, f"awskms:{arn}", "ES256")
+        with (
+            running_signer(config, env=TEST_AWS_ENV) as address,
+            SignerClient(channel=grpc.insecure_channel(address), timeout=4) as client,
+        ):
+            assert _verify(client.sign_client_assertion("p").jwt, public)["kid"] == public.thumbprint()
+            _wait_health(address, "backend:awskms", SERVING)
+
+            proxy.cut()
+            started = time.monotonic()
+            with pytest.raises(SignerError) as caught:
+                client.sign_client_assertion("p")
+            assert caught.value.code == grpc.StatusCode.UNAVAILABLE
+            assert time.monotonic() - started < 4.5  # bounded by the caller's deadline
+            _wait_health(address, "backend:awskms", NOT_SERVING)
+            assert _health(address, "") == NOT_SERVING
+
+            proxy.restore()  # the endpoint is back, with the same keys: health recovers without traffic
+            _wait_health(address, "backend:awskms", SERVING)
+            results = [client.sign_dpop_proof("p", "POST", ISSUER + "/connect/token") for _ in range(10)]
+            assert all(_verify(r.jwt, public)["jwk"] == {k: v for k, v in public.export_public(as_dict=True).items()
+                                                        if k in ("kty", "crv", "x", "y")} for r in results)  # fmt: skip
+
+
+def test_key_vault_429_and_503(tmp_path):
+    with running_standin(tmp_path / "kv") as vault:
+        uri, public = _azure_key(vault, tmp_path)
+        config = tmp_path / "signer.toml"
+        backend = ["[backends.azurekv]", f'ca_bundle = "{vault.ca_path}"', "verify_challenge_resource = false"]
+        _config(config, backend, uri, "ES256")
+        # A plain channel: no client-side retries, so the test sees the service's own answer.
+        with (
+            running_signer(config, env=vault.identity_env()) as address,
+            SignerClient(channel=grpc.insecure_channel(address), timeout=5) as client,
+        ):
+            assert _verify(client.sign_client_assertion("p").jwt, public)["kid"] == public.thumbprint()
+            # A short burst of 429 with Retry-After: retried within the deadline, the caller sees success.
+            vault.throttle(2, retry_after="0")
+            assert _verify(client.sign_client_assertion("p").jwt, public)
+            # 429 without end: RESOURCE_EXHAUSTED within the deadline, the process keeps serving.
+            vault.throttle(None, retry_after="1")
+            with pytest.raises(SignerError) as caught:
+                client.sign_client_assertion("p")
+            assert caught.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED
+            vault.clear_faults()
+            # 503 for a while: UNAVAILABLE, then service resumes.
+            vault.unavailable(None)
+            with pytest.raises(SignerError) as caught:
+                client.sign_client_assertion("p")
+            assert caught.value.code == grpc.StatusCode.UNAVAILABLE
+            vault.clear_faults()
+            _wait_health(address, "backend:azurekv", SERVING)
+            assert _verify(client.sign_client_assertion("p").jwt, public)["kid"] == public.thumbprint()
+
+
+def _azure_key(vault, tmp_path) -> tuple[str, jwk.JWK]:
+    """Create a key through the real backend (the same way `keys create` does)."""
+    from tests.support.azure_kv_kit import standin_backend
+
+    backend = standin_backend(vault)
+    resolved = backend.create_key(f"azurekv:{vault.url}/keys/faults", "EC-P256")
+    backend.close()
+    return f"azurekv:{vault.url}/keys/faults", jwk.JWK.from_pyca(resolved.public_key)
