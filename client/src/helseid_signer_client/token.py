@@ -148,7 +148,60 @@ def discovery_url(issuer: str) -> str:
     return issuer.rstrip("/") + "/.well-known/openid-configuration"
 
 
-class TokenClient:
+class _TokenClientBase:
+    """What the sync and asyncio token clients share: settings, the cache, the nonce."""
+
+    def __init__(
+        self,
+        signer: Any,
+        profile: str,
+        scope: str,
+        http: Any,
+        child_organization_number: str | None,
+        parent_organization_number: str | None,
+        refresh_margin: float,
+        clock: Callable[[], float],
+    ) -> None:
+        self.signer = signer
+        self.profile = profile
+        self.scope = scope
+        self._own_http = http is None
+        self._http = http
+        self._child = child_organization_number
+        self._parent = parent_organization_number
+        self._refresh_margin = refresh_margin
+        self._clock = clock
+        self._token: AccessToken | None = None
+        self._profile_info: ClientProfile | None = None
+        self._nonce: str | None = None
+
+    def _cached(self) -> AccessToken | None:
+        token = self._token
+        return token if token is not None and token.usable(self._clock(), self._refresh_margin) else None
+
+    def _drop(self, token: AccessToken | None) -> None:
+        if token is None or self._token is token:
+            self._token = None
+
+    def _assertion_kwargs(self) -> dict[str, str | None]:
+        return {"child_organization_number": self._child, "parent_organization_number": self._parent}
+
+    def _remember_nonce(self, response: httpx.Response) -> None:
+        if "DPoP-Nonce" in response.headers:
+            self._nonce = response.headers["DPoP-Nonce"]
+
+    @staticmethod
+    def _discovered(info: ClientProfile, response: httpx.Response) -> ClientProfile:
+        try:
+            response.raise_for_status()
+            document = response.json()
+        except (httpx.HTTPError, ValueError) as exc:
+            raise DiscoveryError(f"discovery at {discovery_url(info.issuer)} failed: {exc}") from exc
+        check_discovery(document, info)
+        return info
+
+
+class TokenClient(_TokenClientBase):
     """Gets and caches DPoP-bound access tokens from HelseID for one profile and scope.
 
     Args:
@@ -176,65 +229,43 @@ class TokenClient:
         refresh_margin: float = DEFAULT_REFRESH_MARGIN,
         clock: Callable[[], float] = time.time,
     ) -> None:
-        self.signer = signer
-        self.profile = profile
-        self.scope = scope
-        self._own_http = http is None
-        self._http = http or httpx.Client(timeout=DEFAULT_HTTP_TIMEOUT)
-        self._child = child_organization_number
-        self._parent = parent_organization_number
-        self._refresh_margin = refresh_margin
-        self._clock = clock
+        super().__init__(
+            signer, profile, scope, http, child_organization_number, parent_organization_number, refresh_margin, clock
+        )
+        self._http: httpx.Client = http or httpx.Client(timeout=DEFAULT_HTTP_TIMEOUT)
         self._lock = threading.Lock()
-        self._token: AccessToken | None = None
-        self._profile_info: ClientProfile | None = None
-        self._nonce: str | None = None
 
     @property
     def profile_info(self) -> ClientProfile:
         """The signer's description of the profile, fetched once and checked against discovery."""
         if self._profile_info is None:
             info = self.signer.get_client_profile(self.profile)
-            try:
-                response = self._http.get(discovery_url(info.issuer))
-                response.raise_for_status()
-                document = response.json()
-            except (httpx.HTTPError, ValueError) as exc:
-                raise DiscoveryError(f"discovery at {discovery_url(info.issuer)} failed: {exc}") from exc
-            check_discovery(document, info)
-            self._profile_info = info
+            self._profile_info = self._discovered(info, self._http.get(discovery_url(info.issuer)))
         return self._profile_info
 
     def invalidate(self, token: AccessToken | None = None) -> None:
         """Drop the cached token (only if it is still ``token``, when given)."""
         with self._lock:
-            if token is None or self._token is token:
-                self._token = None
+            self._drop(token)
 
     def get_token(self) -> AccessToken:
         """A cached token, or a new one from the token endpoint. Raises TokenError,
         DiscoveryError, SignerError."""
-        token = self._token
-        if token is not None and token.usable(self._clock(), self._refresh_margin):
+        token = self._cached()
+        if token is not None:
             return token
         with self._lock:
-            token = self._token
-            if token is None or not token.usable(self._clock(), self._refresh_margin):
+            token = self._cached()
+            if token is None:
                 token = self._token = self._request_token()
             return token
 
     def _post(self, info: ClientProfile) -> tuple[httpx.Response, str]:
-        assertion = self.signer.sign_client_assertion(
-            self.profile, child_organization_number=self._child, parent_organization_number=self._parent
-        )
+        assertion = self.signer.sign_client_assertion(self.profile, **self._assertion_kwargs())
         proof = self.signer.sign_dpop_proof(self.profile, "POST", info.token_endpoint, nonce=self._nonce)
-        response = self._http.post(
-            info.token_endpoint,
-            data=token_form(info.client_id, self.scope, assertion.jwt),
-            headers={"DPoP": proof.jwt},
-        )
-        if "DPoP-Nonce" in response.headers:
-            self._nonce = response.headers["DPoP-Nonce"]
+        form = token_form(info.client_id, self.scope, assertion.jwt)
+        response = self._http.post(info.token_endpoint, data=form, headers={"DPoP": proof.jwt})
+        self._remember_nonce(response)
         return response, proof.jkt
 
     def _request_token(self) -> AccessToken:
@@ -256,7 +287,7 @@ class TokenClient:
         self.close()
 
 
-class AsyncTokenClient:
+class AsyncTokenClient(_TokenClientBase):
     """asyncio version of :class:`TokenClient` (same arguments; ``http`` is an
     ``httpx.AsyncClient``; ``signer`` an :class:`AsyncSignerClient`). Concurrent callers
     share one refresh (an ``asyncio.Lock``)."""
@@ -273,62 +304,40 @@ class AsyncTokenClient:
         refresh_margin: float = DEFAULT_REFRESH_MARGIN,
         clock: Callable[[], float] = time.time,
     ) -> None:
-        self.signer = signer
-        self.profile = profile
-        self.scope = scope
-        self._own_http = http is None
-        self._http = http or httpx.AsyncClient(timeout=DEFAULT_HTTP_TIMEOUT)
-        self._child = child_organization_number
-        self._parent = parent_organization_number
-        self._refresh_margin = refresh_margin
-        self._clock = clock
+        super().__init__(
+            signer, profile, scope, http, child_organization_number, parent_organization_number, refresh_margin, clock
+        )
+        self._http: httpx.AsyncClient = http or httpx.AsyncClient(timeout=DEFAULT_HTTP_TIMEOUT)
         self._lock = asyncio.Lock()
-        self._token: AccessToken | None = None
-        self._profile_info: ClientProfile | None = None
-        self._nonce: str | None = None
 
     async def get_profile_info(self) -> ClientProfile:
         """See :attr:`TokenClient.profile_info`."""
         if self._profile_info is None:
             info = await self.signer.get_client_profile(self.profile)
-            try:
-                response = await self._http.get(discovery_url(info.issuer))
-                response.raise_for_status()
-                document = response.json()
-            except (httpx.HTTPError, ValueError) as exc:
-                raise DiscoveryError(f"discovery at {discovery_url(info.issuer)} failed: {exc}") from exc
-            check_discovery(document, info)
-            self._profile_info = info
+            self._profile_info = self._discovered(info, await self._http.get(discovery_url(info.issuer)))
         return self._profile_info
 
     def invalidate(self, token: AccessToken | None = None) -> None:
         """Drop the cached token (only if it is still ``token``, when given)."""
-        if token is None or self._token is token:
-            self._token = None
+        self._drop(token)
 
     async def get_token(self) -> AccessToken:
         """See :meth:`TokenClient.get_token`."""
-        token = self._token
-        if token is not None and token.usable(self._clock(), self._refresh_margin):
+        token = self._cached()
+        if token is not None:
             return token
         async with self._lock:
-            token = self._token
-            if token is None or not token.usable(self._clock(), self._refresh_margin):
+            token = self._cached()
+            if token is None:
                 token = self._token = await self._request_token()
             return token
 
     async def _post(self, info: ClientProfile) -> tuple[httpx.Response, str]:
-        assertion = await self.signer.sign_client_assertion(
-            self.profile, child_organization_number=self._child, parent_organization_number=self._parent
-        )
+        assertion = await self.signer.sign_client_assertion(self.profile, **self._assertion_kwargs())
         proof = await self.signer.sign_dpop_proof(self.profile, "POST", info.token_endpoint, nonce=self._nonce)
-        response = await self._http.post(
-            info.token_endpoint,
-            data=token_form(info.client_id, self.scope, assertion.jwt),
-            headers={"DPoP": proof.jwt},
-        )
-        if "DPoP-Nonce" in response.headers:
-            self._nonce = response.headers["DPoP-Nonce"]
+        form = token_form(info.client_id, self.scope, assertion.jwt)
+        response = await self._http.post(info.token_endpoint, data=form, headers={"DPoP": proof.jwt})
+        self._remember_nonce(response)
         return response, proof.jkt
 
     async def _request_token(self) -> AccessToken:
