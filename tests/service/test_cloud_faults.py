@@ -11,32 +11,16 @@ import boto3
 import grpc
 import pytest
 from cryptography.hazmat.primitives.serialization import load_der_public_key
-from grpc_health.v1 import health_pb2, health_pb2_grpc
 from jwcrypto import jwk, jws
 
 from helseid_signer_client import SignerClient, SignerError
 from tests.support.azure_kv_standin import running_standin
+from tests.support.health import NOT_SERVING, SERVING, health, wait_health
 from tests.support.kms_endpoint import TEST_AWS_ENV, TEST_REGION, aws_test_environment, running_kms_endpoint
 from tests.support.signer_proc import running_signer
 from tests.support.tcp_proxy import TcpProxy
 
 ISSUER = "https://helseid-sts.test.nhn.no"
-SERVING = health_pb2.HealthCheckResponse.SERVING
-NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
-
-
-def _health(address: str, service: str) -> int:
-    with grpc.insecure_channel(address) as channel:
-        return (
-            health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=service), timeout=3).status
-        )
-
-
-def _wait_health(address: str, service: str, status: int, timeout: float = 20.0) -> None:
-    deadline = time.monotonic() + timeout
-    while _health(address, service) != status:
-        assert time.monotonic() < deadline, f"{service} did not become {status}"
-        time.sleep(0.2)
 
 
 def _verify(token: str, key: jwk.JWK) -> dict:
@@ -89,7 +73,7 @@ def test_kms_endpoint_unreachable_then_back(tmp_path):
             SignerClient(channel=grpc.insecure_channel(address), timeout=4) as client,
         ):
             assert _verify(client.sign_client_assertion("p").jwt, public)["kid"] == public.thumbprint()
-            _wait_health(address, "backend:awskms", SERVING)
+            wait_health(address, SERVING, "backend:awskms")
 
             proxy.cut()
             started = time.monotonic()
@@ -97,11 +81,11 @@ def test_kms_endpoint_unreachable_then_back(tmp_path):
                 client.sign_client_assertion("p")
             assert caught.value.code == grpc.StatusCode.UNAVAILABLE
             assert time.monotonic() - started < 4.5  # bounded by the caller's deadline
-            _wait_health(address, "backend:awskms", NOT_SERVING)
-            assert _health(address, "") == NOT_SERVING
+            wait_health(address, NOT_SERVING, "backend:awskms")
+            assert health(address) == NOT_SERVING
 
             proxy.restore()  # the endpoint is back, with the same keys: health recovers without traffic
-            _wait_health(address, "backend:awskms", SERVING)
+            wait_health(address, SERVING, "backend:awskms")
             results = [client.sign_dpop_proof("p", "POST", ISSUER + "/connect/token") for _ in range(10)]
             assert all(_verify(r.jwt, public)["jwk"] == {k: v for k, v in public.export_public(as_dict=True).items()
                                                         if k in ("kty", "crv", "x", "y")} for r in results)  # fmt: skip
@@ -134,7 +118,7 @@ def test_key_vault_429_and_503(tmp_path):
                 client.sign_client_assertion("p")
             assert caught.value.code == grpc.StatusCode.UNAVAILABLE
             vault.clear_faults()
-            _wait_health(address, "backend:azurekv", SERVING)
+            wait_health(address, SERVING, "backend:azurekv")
             assert _verify(client.sign_client_assertion("p").jwt, public)["kid"] == public.thumbprint()
 
 

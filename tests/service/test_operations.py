@@ -14,31 +14,15 @@ from pathlib import Path
 import grpc
 import pytest
 from cryptography.hazmat.primitives.asymmetric import ec
-from grpc_health.v1 import health_pb2, health_pb2_grpc
 from jwcrypto import jwk, jws
 
 from helseid_signer_client import SignerClient, SignerError
+from tests.support.health import NOT_SERVING, SERVING, health, wait_health
 from tests.support.signer_proc import running_signer
 from tests.support.signerkit import write_config
 from tests.support.softhsm import create_token, import_private_key
 
 ISSUER = "https://helseid-sts.test.nhn.no"
-SERVING = health_pb2.HealthCheckResponse.SERVING
-NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
-
-
-def _health(address: str, service: str = "") -> int:
-    with grpc.insecure_channel(address) as channel:
-        return (
-            health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=service), timeout=3).status
-        )
-
-
-def _wait_health(address: str, status: int, service: str = "", timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while _health(address, service) != status:
-        assert time.monotonic() < deadline, f"health of {service!r} did not become {status}"
-        time.sleep(0.1)
 
 
 def _verifies(token: str, key: ec.EllipticCurvePrivateKey) -> bool:
@@ -74,7 +58,7 @@ def test_token_deleted_and_recreated_recovers_without_restart(ops):
     with running_signer(ops["config"], env={"SOFTHSM2_CONF": str(ops["token"].conf)}) as address:
         with SignerClient(address) as client:
             assert _verifies(client.sign_client_assertion("p").jwt, ops["key"])
-            _wait_health(address, SERVING, "backend:pkcs11")
+            wait_health(address, SERVING, "backend:pkcs11")
 
             # The token disappears: requests fail cleanly, health goes NOT_SERVING, the process stays up.
             shutil.rmtree(ops["folder"] / "tokens")
@@ -82,14 +66,14 @@ def test_token_deleted_and_recreated_recovers_without_restart(ops):
             with pytest.raises(SignerError) as caught:
                 client.sign_client_assertion("p")
             assert caught.value.code == grpc.StatusCode.UNAVAILABLE
-            _wait_health(address, NOT_SERVING, "backend:pkcs11")
-            assert _health(address) == NOT_SERVING
+            wait_health(address, NOT_SERVING, "backend:pkcs11")
+            assert health(address) == NOT_SERVING
 
             # The same key comes back in a new token: the service recovers by itself.
             shutil.rmtree(ops["folder"] / "tokens")
             token = create_token(ops["folder"], label="ops")
             import_private_key(token, ops["key"], "k", "01")
-            _wait_health(address, SERVING, "backend:pkcs11")
+            wait_health(address, SERVING, "backend:pkcs11")
             results = [client.sign_client_assertion("p") for _ in range(20)]
             assert all(_verifies(r.jwt, ops["key"]) for r in results)
 
@@ -123,10 +107,10 @@ def test_a_different_key_in_the_recreated_token_is_never_used(ops):
                     client.sign_client_assertion("p")
                 assert caught.value.code == grpc.StatusCode.UNAVAILABLE
                 time.sleep(0.3)
-            _wait_health(address, NOT_SERVING, "backend:pkcs11")
+            wait_health(address, NOT_SERVING, "backend:pkcs11")
             # The original key comes back: signing resumes, under the same kid.
             _recreate(ops["folder"], ops["key"])
-            _wait_health(address, SERVING, "backend:pkcs11")
+            wait_health(address, SERVING, "backend:pkcs11")
             again = client.sign_client_assertion("p")
             assert again.kid == kid and _verifies(again.jwt, ops["key"])
 
@@ -140,13 +124,13 @@ def test_key_missing_at_start_up_makes_the_backend_not_serving_until_it_appears(
         server_lines=('listen = "127.0.0.1:0"', "insecure = true", "health_interval = 0.2"),
     )  # fmt: skip
     with running_signer(config, env={"SOFTHSM2_CONF": str(token.conf)}) as address:
-        assert _health(address, "backend:pkcs11") == NOT_SERVING and _health(address) == NOT_SERVING
+        assert health(address, "backend:pkcs11") == NOT_SERVING and health(address) == NOT_SERVING
         with SignerClient(address) as client:
             with pytest.raises(SignerError) as caught:
                 client.sign_client_assertion("p")
             assert caught.value.code == grpc.StatusCode.UNAVAILABLE and "not available" in caught.value.details
             import_private_key(token, key, "k", "01")
-            _wait_health(address, SERVING, "backend:pkcs11", timeout=15)  # retried with backoff (1, 2, 4 s ...)
+            wait_health(address, SERVING, "backend:pkcs11", timeout=15)  # retried with backoff (1, 2, 4 s ...)
             assert _verifies(client.sign_client_assertion("p").jwt, key)
 
 
