@@ -112,7 +112,8 @@ def signer(tmp_path_factory):
     )  # fmt: skip
     config.write_text(config.read_text().replace("insecure = true", 'insecure = true\ninsecure_caller = "app"'))
     ready = folder / "ready"
-    log = open(folder / "signer.log", "wb")  # noqa: SIM115 - closed below
+    log_path = Path(str(config) + ".log")  # <config>.log, where tests/zz_last looks for secrets
+    log = open(log_path, "wb")  # noqa: SIM115 - closed below
     proc = subprocess.Popen(
         [sys.executable, "-m", "helseid_signer.cli", "serve", "--config", str(config), "--ready-file", str(ready)],
         env=token.env(), stdout=log, stderr=log,
@@ -120,7 +121,7 @@ def signer(tmp_path_factory):
     try:
         deadline = time.monotonic() + 30
         while not ready.exists():
-            assert proc.poll() is None, (folder / "signer.log").read_text()[-2000:]
+            assert proc.poll() is None, log_path.read_text()[-2000:]
             assert time.monotonic() < deadline, "signer not ready in 30 s"
             time.sleep(0.05)
         with grpc.insecure_channel(ready.read_text()) as channel:
@@ -135,7 +136,7 @@ def signer(tmp_path_factory):
                 "address": ready.read_text(),
                 "calls": calls,
                 "jwks": jwks,
-                "log": folder / "signer.log",
+                "log": log_path,
             }
     finally:
         proc.terminate()
