@@ -166,7 +166,10 @@ class SignerServicer:
         record: dict[str, Any] = {"caller": None, "profile": None, "purpose": purpose}
         try:
             if isinstance(request, MalformedRequest):
-                raise RequestError("request", f"is not a valid {request.message_type} (string fields must be UTF-8)")
+                raise RequestError(
+                    "request",
+                    f"is not a valid {request.message_type} (malformed protobuf, or a string that is not UTF-8)",
+                )
             caller = self._identify(context)
             record["caller"] = caller.name if caller else None
             if caller is not None:
