@@ -37,6 +37,8 @@ def world(tmp_path_factory):
         "app-b": ca.issue("app-b", uris=("spiffe://vendor.test/app-b",)),
         "app-cn": ca.issue("app-cn", common_name="legacy-app"),  # no SAN: identified by CN
         "unlisted": ca.issue("unlisted", dns=("app-c.vendor.test",)),
+        # Only an e-mail SAN whose text equals a listed name: e-mail SANs never identify callers.
+        "email-only": ca.issue("email-only", emails=("ops@vendor.test",)),
         "foreign": other_ca.issue("foreign", dns=("app-a.vendor.test",)),  # right name, unknown CA
     }
     socket_path = folder / "sidecar.sock"
@@ -58,6 +60,7 @@ def world(tmp_path_factory):
             "[callers.app-b]", 'tls_names = ["spiffe://vendor.test/app-b"]', 'profiles = ["b"]',
             "rate_limit = 0.5", "rate_burst = 3", "",
             "[callers.legacy]", 'tls_names = ["legacy-app"]', 'profiles = ["a", "b"]', "",
+            "[callers.mailbox]", 'tls_names = ["ops@vendor.test"]', 'profiles = ["a"]', "",
             "[callers.sidecar]", 'profiles = ["b"]', f'unix_socket = {{ path = "{socket_path}", mode = 0o660 }}', "",
         ),
     )  # fmt: skip
@@ -111,8 +114,9 @@ def test_certificate_without_san_is_identified_by_its_cn(world):
         assert legacy.get_client_profile("b").client_id == "multi-app"
 
 
-def test_trusted_but_unlisted_certificate_is_unauthenticated(world):
-    with _client(world, "unlisted") as stranger, pytest.raises(SignerError) as caught:
+@pytest.mark.parametrize("who", ["unlisted", "email-only"])
+def test_trusted_but_unlisted_certificate_is_unauthenticated(world, who):
+    with _client(world, who) as stranger, pytest.raises(SignerError) as caught:
         stranger.sign_client_assertion("a")
     assert caught.value.code == grpc.StatusCode.UNAUTHENTICATED
     assert caught.value.details.startswith("caller:")

@@ -80,3 +80,23 @@ def test_supervisor_restarts_a_killed_worker(two_workers):
         assert all(
             client.sign_dpop_proof("p", "POST", "https://helseid-sts.test.nhn.no/connect/token").jwt for _ in range(50)
         )
+
+
+def test_configuration_error_in_workers_stops_the_supervisor(tmp_path):
+    """A key that does not fit its alg is a configuration error: with several workers the
+    supervisor exits with status 2 instead of restarting workers forever."""
+    token = create_token(tmp_path / "token", label="wbad")
+    keys_create(token, "ec", "EC-P256", "ES256")
+    config = write_config(
+        tmp_path / "signer.toml", token, issuer="https://helseid-sts.test.nhn.no", client_id="w",
+        keys={"ec": "ES384"}, profiles={"p": ("ec", "ec")},
+        server_lines=('listen = "127.0.0.1:0"', "insecure = true", "workers = 2"),
+    )  # fmt: skip
+    started = time.monotonic()
+    result = subprocess.run(
+        [sys.executable, "-m", "helseid_signer.cli", "serve", "--config", str(config)],
+        env=token.env(), capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert "keys.ec" in result.stderr and time.monotonic() - started < 30
+    assert "TypeError" not in result.stderr

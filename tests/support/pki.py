@@ -60,6 +60,7 @@ class CertificateAuthority:
         dns: tuple[str, ...] = (),
         uris: tuple[str, ...] = (),
         ips: tuple[str, ...] = (),
+        emails: tuple[str, ...] = (),
         common_name: str | None = None,
         server: bool = False,
     ) -> Issued:
@@ -82,6 +83,7 @@ class CertificateAuthority:
         names: list[x509.GeneralName] = [x509.DNSName(d) for d in dns]
         names += [x509.UniformResourceIdentifier(u) for u in uris]
         names += [x509.IPAddress(ipaddress.ip_address(i)) for i in ips]
+        names += [x509.RFC822Name(e) for e in emails]
         if names:
             builder = builder.add_extension(x509.SubjectAlternativeName(names), critical=False)
         cert = builder.sign(self.key, hashes.SHA256())

@@ -48,3 +48,23 @@ def test_tls_listener_needs_certificate_key_and_client_ca(tmp_path):
     text = VALID.replace("insecure = true\n", 'tls_certificate = "server.pem"\n')
     error = load_error(tmp_path, text)
     assert "tls_private_key" in error and "client_ca" in error and "tls_certificate" not in error.split("needs")[1]
+
+
+def test_a_test_key_cannot_become_a_production_key_through_rotation(tmp_path):
+    text = VALID.replace('issuer = "https://helseid-sts.test.nhn.no"', 'issuer = "https://helseid-sts.nhn.no"')
+    text += (
+        f'\n[keys.test-next]\nuri = "pkcs11:token=helseid;object=test-next"\nalg = "PS256"\nissuers = ["{TEST_ISSUER}"]\n'
+        '\n[selfservice]\nrecords_dir = "records"\n'
+        '\n[profiles.demo.rotation]\nnext_key = "test-next"\nnext_active_from = 2026-12-01T00:00:00Z\n'
+    )
+    error = load_error(tmp_path, text)
+    assert "profiles.demo.rotation.next_key" in error and "bound to issuers" in error
+
+
+def test_one_certificate_name_identifies_one_caller(tmp_path):
+    text = VALID + (
+        '\n[callers.a]\ntls_names = ["app.vendor.test"]\nprofiles = ["demo"]\n'
+        '\n[callers.b]\ntls_names = ["app.vendor.test"]\nprofiles = ["demo"]\n'
+    )
+    error = load_error(tmp_path, text)
+    assert "callers.b.tls_names" in error and "'a'" in error

@@ -408,17 +408,33 @@ class Settings(_Strict):
                 key = getattr(profile, field)
                 if key not in self.keys:
                     raise ValueError(f"profiles.{name}.{field}: no [keys.{key}] section")
-            bound = self.keys[profile.assertion_key].issuers, self.keys[profile.dpop_key].issuers
-            for field, issuers in zip(("assertion_key", "dpop_key"), bound, strict=True):
+            # Every key that may sign for the profile - now or after a rotation - must be
+            # allowed for its issuer: a test key never signs for production.
+            signing = {
+                "assertion_key": profile.assertion_key,
+                "dpop_key": profile.dpop_key,
+                "rotation.next_key": profile.rotation.next_key,
+                "rotation.previous_key": profile.rotation.previous_key,
+            }
+            for field, key in signing.items():
+                issuers = self.keys[key].issuers if key is not None else None
                 if issuers is not None and profile.issuer not in issuers:
                     raise ValueError(
-                        f"profiles.{name}.{field}: key {getattr(profile, field)!r} is bound to issuers "
-                        f"{list(issuers)}, not {profile.issuer!r}"
+                        f"profiles.{name}.{field}: key {key!r} is bound to issuers {list(issuers)}, "
+                        f"not {profile.issuer!r}"
                     )
         for name, caller in self.callers.items():
             for profile in caller.profiles:
                 if profile not in self.profiles:
                     raise ValueError(f"callers.{name}.profiles: no [profiles.{profile}] section")
+        seen: dict[str, str] = {}
+        for name, caller in self.callers.items():
+            for tls_name in caller.tls_names:
+                if tls_name in seen:
+                    raise ValueError(
+                        f"callers.{name}.tls_names: {tls_name!r} already identifies caller {seen[tls_name]!r}"
+                    )
+                seen[tls_name] = name
         if self.server.insecure_caller and self.server.insecure_caller not in self.callers:
             raise ValueError(f"server.insecure_caller: no [callers.{self.server.insecure_caller}] section")
         sockets = [c.unix_socket.path for c in self.callers.values() if c.unix_socket]

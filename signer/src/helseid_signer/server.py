@@ -19,6 +19,7 @@ import shutil
 import signal
 import socket
 import stat
+import sys
 import tempfile
 import threading
 import time
@@ -29,15 +30,17 @@ from pathlib import Path
 from typing import Any
 
 import grpc
+from cryptography import x509
+from cryptography.x509.oid import NameOID
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from helseid_signer_client._proto import signer_pb2
 
 from . import metrics
 from .audit import AuditLog
-from .backends.base import BackendError, DriftReporter, KeyBackend
+from .backends.base import BackendConfigError, BackendError, DriftReporter, KeyBackend
 from .config import ConfigError, ServerSettings, Settings, UnixSocketSettings, load_settings, parse_listen
-from .keys import KeySlot, build_backends, resolve_key_slots
+from .keys import KeyResolutionError, KeySlot, build_backends, resolve_key_slots
 from .policy import Caller, HtuPolicy, RateLimiter
 from .rotation import AssertionKeys, RegistrationBook, days_to_expiry
 from .service import Identify, Profile, ServiceState, SignerServicer, Snapshot, add_to_server
@@ -113,16 +116,38 @@ def build_callers(settings: Settings) -> dict[str, Caller]:
     return callers
 
 
+def certificate_names(pem: bytes) -> tuple[str, ...]:
+    """The identities a client certificate carries, as callers are matched: its DNS and
+    URI subjectAltNames; only when it has no subjectAltName at all, its subject CN (RFC 6125
+    section 6.4.4 practice). E-mail and IP SANs never identify a caller."""
+    cert = x509.load_pem_x509_certificate(pem)
+    try:
+        san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    except x509.ExtensionNotFound:
+        return tuple(
+            a.value for a in cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME) if isinstance(a.value, str)
+        )
+    return tuple(san.get_values_for_type(x509.DNSName)) + tuple(san.get_values_for_type(x509.UniformResourceIdentifier))
+
+
 def tls_identifier(holder: RuntimeHolder) -> Identify:
-    """Identify a caller by its verified client certificate: a DNS or URI subjectAltName,
-    or the subject CN when the certificate has no SAN, equal to one of its ``tls_names``."""
+    """Identify a caller by its verified client certificate (gRPC has checked the chain
+    against ``client_ca``): one of :func:`certificate_names` equal to one of its
+    ``tls_names``. Names are cached per certificate."""
+    cache: dict[bytes, tuple[str, ...]] = {}
 
     def identify(context: grpc.aio.ServicerContext) -> Caller | None:
-        auth = context.auth_context()
-        names = auth.get("x509_subject_alternative_name") or auth.get("x509_common_name") or []
+        pem = (context.auth_context().get("x509_pem_cert") or [b""])[0]
+        if not pem:
+            return None
+        names = cache.get(pem)
+        if names is None:
+            if len(cache) > 1024:
+                cache.clear()
+            names = cache[pem] = certificate_names(pem)
         by_name = holder.runtime.tls_callers
-        for raw in names:
-            caller = by_name.get(raw.decode("utf-8", "replace"))
+        for name in names:
+            caller = by_name.get(name)
             if caller is not None:
                 return caller
         return None
@@ -462,13 +487,22 @@ def start_metrics_server(listen: str, registry: Any = None) -> None:
     log.info("metrics on http://%s/metrics", listen)
 
 
+#: A worker's exit status for a configuration error: the supervisor stops, it does not restart.
+CONFIG_ERROR_EXIT = 2
+
+
 def _worker(settings: Settings, ready_file: str, config_path: str | None, listen: str) -> None:
     """One worker process: its own event loop, gRPC server and Cryptoki instance
-    (initialised here, after the spawn: bug-kinds.md 23)."""
+    (initialised here, after the spawn: bug-kinds.md 23). Exits with
+    :data:`CONFIG_ERROR_EXIT` on a configuration error."""
     from .cli import setup_logging
 
     setup_logging("info")
-    asyncio.run(serve(settings, ready_file=ready_file, config_path=config_path, listen=listen))
+    try:
+        asyncio.run(serve(settings, ready_file=ready_file, config_path=config_path, listen=listen))
+    except (ConfigError, KeyResolutionError, BackendConfigError) as exc:
+        log.error("configuration error: %s", exc)
+        sys.exit(CONFIG_ERROR_EXIT)
 
 
 def _reserve_port(host: str, port: int) -> tuple[socket.socket, int]:
@@ -513,16 +547,34 @@ def run(settings: Settings, ready_file: str | None = None, config_path: str | No
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stopping.set())
 
+    current = settings  # what a restarted worker starts with: the last configuration that loaded
+    exit_status = 0
+
+    def on_sighup(*_: object) -> None:
+        nonlocal current
+        if config_path:
+            try:
+                reloaded = load_settings(config_path)
+                if _listeners(reloaded) == _listeners(settings):
+                    current = reloaded
+            except ConfigError as exc:  # each worker logs its own refusal in detail
+                log.error("reload refused by the supervisor: %s", exc)
+        for proc in procs:
+            if proc.is_alive():
+                os.kill(proc.pid, signal.SIGHUP)  # every worker reloads the file itself
+
     with tempfile.TemporaryDirectory(prefix="helseid-signer-") as tmp:
         ready_paths = [str(Path(tmp) / f"ready.{i}") for i in range(workers)]
-        procs = [
-            context.Process(target=_worker, args=(settings, p, config_path), name=f"worker-{i}")
-            for i, p in enumerate(ready_paths)
-        ]
-        for proc in procs:
+
+        def spawn(i: int) -> multiprocessing.process.BaseProcess:
+            proc = context.Process(
+                target=_worker, args=(current, ready_paths[i], config_path, listen), name=f"worker-{i}"
+            )
             proc.start()
-        # SIGHUP: every worker reloads the configuration file itself.
-        signal.signal(signal.SIGHUP, lambda *_: [os.kill(p.pid, signal.SIGHUP) for p in procs if p.is_alive()])
+            return proc
+
+        procs = [spawn(i) for i in range(workers)]
+        signal.signal(signal.SIGHUP, on_sighup)
         announced = False
         last_restart = 0.0
         while not stopping.wait(0.05):
@@ -533,17 +585,21 @@ def run(settings: Settings, ready_file: str | None = None, config_path: str | No
                     Path(ready_file + ".tmp").replace(ready_file)
                 announced = True
             for i, proc in enumerate(procs):
-                if not proc.is_alive() and time.monotonic() - last_restart > 1.0:
+                if proc.is_alive():
+                    continue
+                if proc.exitcode == CONFIG_ERROR_EXIT:
+                    log.error("worker %d stopped on a configuration error; stopping the service", i)
+                    exit_status = CONFIG_ERROR_EXIT
+                    stopping.set()
+                    break
+                if time.monotonic() - last_restart > 1.0:
                     log.error("worker %d exited with %s; restarting it", i, proc.exitcode)
                     if metrics_dir and proc.pid:
                         from prometheus_client import multiprocess
 
                         multiprocess.mark_process_dead(proc.pid, metrics_dir)
                     last_restart = time.monotonic()
-                    procs[i] = context.Process(
-                        target=_worker, args=(settings, ready_paths[i], config_path, listen), name=f"worker-{i}"
-                    )
-                    procs[i].start()
+                    procs[i] = spawn(i)
         for proc in procs:
             proc.terminate()  # SIGTERM: each worker drains, then exits
         for proc in procs:
@@ -553,3 +609,5 @@ def run(settings: Settings, ready_file: str | None = None, config_path: str | No
     reservation.close()
     if metrics_dir:
         shutil.rmtree(metrics_dir, ignore_errors=True)
+    if exit_status:
+        sys.exit(exit_status)
