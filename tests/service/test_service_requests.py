@@ -181,6 +181,8 @@ BAD_REQUESTS = [
      "INVALID_ARGUMENT", "htu"),
     ("proof", {"profile": "single", "htm": "GET", "htu": "https://api.example.no/deft%2fadmin"}, "INVALID_ARGUMENT",
      "htu"),
+    ("proof", {"profile": "single", "htm": "GET", "htu": "https://api.example.no/deft/%252e%252e/admin"},
+     "INVALID_ARGUMENT", "htu"),
     ("proof", {"profile": "single", "htm": "GET", "htu": "http://api.example.no/deft/x"}, "PERMISSION_DENIED", "htu"),
     ("proof", {"profile": "single", "htm": "GET", "htu": "https://api.example.no:8443/deft/x"}, "PERMISSION_DENIED",
      "htu"),

@@ -40,8 +40,9 @@ class RequestError(ValueError):
 
     Attributes:
         field: the request field's name, e.g. ``"htu"``.
-        code: the gRPC status name: ``INVALID_ARGUMENT`` (malformed), ``NOT_FOUND``
-            (no such profile) or ``PERMISSION_DENIED`` (well-formed but not allowed).
+        code: the gRPC status name: ``INVALID_ARGUMENT`` (malformed), ``PERMISSION_DENIED``
+            (well-formed but not allowed, including a profile the caller may not use),
+            ``UNAUTHENTICATED`` (unknown caller) or ``RESOURCE_EXHAUSTED`` (rate limit).
     """
 
     def __init__(self, field: str, message: str, code: str = "INVALID_ARGUMENT") -> None:

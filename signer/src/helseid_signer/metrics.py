@@ -4,8 +4,8 @@ Names and labels (no label ever holds a token, a key or a caller-chosen free tex
 
 * ``helseid_signer_requests_total{profile,purpose,alg,backend,status}`` - every request,
   signed or refused (``status`` is the gRPC status name; ``alg``/``backend`` empty when the
-  request was refused before a key was chosen; ``profile`` is ``-`` unless the caller may
-  use it, so the label set cannot be blown up by callers);
+  request was refused before a key was chosen; ``profile`` is a configured profile name or
+  ``-``, so callers cannot grow the label set with names of their own);
 * ``helseid_signer_request_duration_seconds{purpose}`` - whole-request latency;
 * ``helseid_signer_backend_sign_duration_seconds{backend,alg}`` - the backend call alone;
 * ``helseid_signer_backend_retries_total{backend}``, ``helseid_signer_backend_throttled_total{backend}``;

@@ -29,7 +29,7 @@ from .claims import RequestError, canonical_htu
 #: A dot-segment, also percent-encoded, also with path parameters (``..;x``: Tomcat and
 #: other servlet containers strip ``;...`` and then resolve ``..``).
 _DOT_SEGMENT = re.compile(r"(^|/)(\.|%2e){1,2}(;[^/]*)?(/|$)", re.I)
-_ENCODED_SEPARATOR = re.compile(r"%(2f|5c)", re.I)
+_ENCODED_SEPARATOR = re.compile(r"%(2f|5c|25)", re.I)  # encoded /, \ and % (double encoding)
 
 
 class RateLimiter:
@@ -127,7 +127,7 @@ class HtuPolicy:
         canonical = canonical_htu(htu)
         path = urlsplit(canonical).path
         if "\\" in path or _DOT_SEGMENT.search(path) or _ENCODED_SEPARATOR.search(path):
-            raise RequestError("htu", "must not contain dot-segments, encoded slashes or backslashes")
+            raise RequestError("htu", "must not contain dot-segments, encoded slashes, encoded % or backslashes")
         if canonical == self.token_endpoint:
             return canonical
         parts = urlsplit(canonical)

@@ -102,10 +102,15 @@ class RegistrationBook:
                 log.warning("ignoring registration record %s: %s", path.name, exc)
         self.records = records
 
-    def is_registered(self, kid: str, now: float) -> bool:
-        """A record exists for ``kid`` and has not expired."""
+    def is_registered(self, kid: str, now: float, client_id: str | None = None, issuer: str | None = None) -> bool:
+        """A record exists for ``kid`` - for this ``client_id`` and ``issuer`` when given - and
+        has not expired."""
         record = self.records.get(kid)
         if record is None:
+            return False
+        if (client_id is not None and record.client_id != client_id) or (
+            issuer is not None and record.issuer != issuer
+        ):
             return False
         expires = record.expires_epoch
         return expires is None or now < expires
@@ -128,6 +133,8 @@ class AssertionKeys:
     previous: KeySlot | None = None
     previous_until: float | None = None
     book: RegistrationBook | None = None
+    client_id: str | None = None
+    issuer: str | None = None
     _refused_kid: str | None = field(default=None, repr=False)
 
     def next_is_active(self, now: float) -> bool:
@@ -135,7 +142,7 @@ class AssertionKeys:
         if self.next is None or self.next_active_from is None or now < self.next_active_from:
             return False
         key = self.next.key
-        if key is None or self.book is None or not self.book.is_registered(key.kid, now):
+        if key is None or self.book is None or not self.book.is_registered(key.kid, now, self.client_id, self.issuer):
             if key is not None and self._refused_kid != key.kid:
                 self._refused_kid = key.kid
                 log.error(
@@ -164,6 +171,15 @@ class AssertionKeys:
             entries.append((self.previous, "PREVIOUS", 0.0, self.previous_until))
         return entries
 
+    def rotation_blocked(self, now: float) -> bool:
+        """True while the next key is due but cannot become current (unresolved or unregistered)."""
+        return (
+            self.next is not None
+            and self.next_active_from is not None
+            and now >= self.next_active_from
+            and not self.next_is_active(now)
+        )
+
     def expiry_warnings(self, now: float) -> list[str]:
         """Messages for published keys within EXPIRY_WARNING_DAYS of their HelseID expiry."""
         warnings = []
@@ -175,7 +191,7 @@ class AssertionKeys:
                 days = (expires - now) / 86400
                 warnings.append(
                     f"{status.lower()} key {slot.name} (kid {key.kid}) "
-                    + (f"expires in HelseID in {days:.1f} days" if days > 0 else "has EXPIRED in HelseID")
+                    + (f"expires in HelseID in {int(days)} days" if days > 0 else "has EXPIRED in HelseID")
                     + f" ({record.expires_at})"
                 )
         return warnings

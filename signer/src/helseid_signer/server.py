@@ -92,6 +92,8 @@ def build_runtime(settings: Settings) -> Runtime:
                     p.rotation.previous_published_until.timestamp() if p.rotation.previous_published_until else None
                 ),
                 book=book,
+                client_id=p.client_id,
+                issuer=p.issuer,
             ),
             dpop_slot=slots[p.dpop_key],
             htu_policy=HtuPolicy.from_settings(p.effective_token_endpoint, p.api_base_urls),
@@ -329,11 +331,17 @@ class Server:
                                 slot.next_attempt - now, slot.error)  # fmt: skip
         await loop.run_in_executor(self.executor, runtime.book.refresh)
         wall = time.time()
+        rotation_ok: dict[str, bool] = {}
         for profile in runtime.profiles.values():
-            for warning in profile.assertion_keys.expiry_warnings(wall):
+            warnings = profile.assertion_keys.expiry_warnings(wall)
+            for warning in warnings:
                 if warning not in self._warned:
                     self._warned.add(warning)
                     log.warning("profile %s: %s", profile.name, warning)
+            # Health detail: rotation:<profile> is NOT_SERVING while a due next key cannot take
+            # over or a published key's HelseID registration expires within 14 days. It does
+            # not change the overall status: the current key still signs.
+            rotation_ok[f"rotation:{profile.name}"] = not warnings and not profile.assertion_keys.rotation_blocked(wall)
         for profile in runtime.profiles.values():
             for slot, status, _, _ in profile.assertion_keys.published(wall):
                 days = days_to_expiry(runtime.book, slot.key.kid, wall) if slot.key else None
@@ -350,12 +358,12 @@ class Server:
             statuses[f"backend:{scheme}"] = bool(ok)
             metrics.BACKEND_UP.labels(scheme).set(1 if ok else 0)
         overall = all(statuses.values())
-        for name, ok in {**statuses, "": overall, SERVICE_NAME: overall}.items():
+        for name, ok in {**statuses, **rotation_ok, "": overall, SERVICE_NAME: overall}.items():
             if self._statuses.get(name) != ok:
                 if name.startswith("backend:") and name in self._statuses:
                     log.warning("%s is now %s", name, "SERVING" if ok else "NOT_SERVING")
                 await self.health.set(name, SERVING if ok else NOT_SERVING)
-        self._statuses = {**statuses, "": overall, SERVICE_NAME: overall}
+        self._statuses = {**statuses, **rotation_ok, "": overall, SERVICE_NAME: overall}
 
     @staticmethod
     def _probe_fallback(runtime: Runtime, backend: KeyBackend) -> Callable[[], bool]:
@@ -415,6 +423,11 @@ class Server:
             if _listeners(settings) != _listeners(self.settings):
                 raise ConfigError("listener settings changed (listen, insecure, workers, sockets): restart to apply")
             runtime = await loop.run_in_executor(self.executor, build_runtime, settings)
+            pending = [slot.name for slot in runtime.slots.values() if slot.key is None]
+            if pending:
+                for backend in runtime.backends.values():
+                    backend.close()
+                raise ConfigError(f"keys {pending} cannot be resolved now; the running configuration can still sign")
             if self.tls is not None:
                 self.tls.reload(settings.server)
         except Exception as exc:
