@@ -2,13 +2,30 @@
 
 The application host never handles a private key: it asks the service for a client
 assertion (RFC 7523) or a DPoP proof (RFC 9449) and gets a compact JWS back.
+
+Many replicas: the service is stateless, so a client may spread its calls over several
+replicas. ``target`` may name several addresses (``"ipv4:10.0.0.5:50051,10.0.0.6:50051"``)
+or a DNS name that resolves to all of them (``"dns:///helseid-signer.ns.svc.cluster.local:50051"``,
+a Kubernetes headless Service). Every channel gets :data:`DEFAULT_SERVICE_CONFIG` unless the
+caller passes another: gRPC ``round_robin`` over every resolved address, and up to five
+attempts of a call that failed with ``UNAVAILABLE`` (a replica that died, stopped or lost
+its backend) or was cancelled by a stopping replica, each on the next replica, all within
+the call's one deadline.
+
+Why a retry is safe: every RPC of the service is idempotent in effect. A signing RPC
+stores nothing and has no side effect but an audit record; a retried one simply yields a
+fresh JWS with a fresh ``jti``. If the first attempt did sign before its answer was lost,
+that JWS never left the replica (it appears in that replica's audit trail as signed, and
+can never be presented to anyone), so no ``jti`` is ever used twice.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import grpc
 
@@ -17,6 +34,43 @@ from ._proto import signer_pb2_grpc
 from .errors import SignerError
 
 DEFAULT_TIMEOUT = 5.0  # seconds, per RPC
+
+#: The gRPC service config every channel of :class:`SignerClient` and
+#: :class:`AsyncSignerClient` gets by default (see gRPC's service_config.md and
+#: A6-client-retries): ``round_robin`` over all resolved addresses, and retries of
+#: ``UNAVAILABLE`` and ``CANCELLED`` only (never of a refusal such as PERMISSION_DENIED),
+#: at most 5 attempts with jittered exponential backoff (0.1 s, 0.2 s, ... at most 1 s),
+#: all inside the one deadline of the call. The service never answers CANCELLED itself:
+#: gRPC does, for a call that reached a replica in the instant it began to stop (see
+#: helseid_signer/drain.py); a call the application cancels is never retried. Treat it as
+#: read-only; pass a modified deep copy to change it.
+DEFAULT_SERVICE_CONFIG: dict[str, Any] = {
+    "loadBalancingConfig": [{"round_robin": {}}],
+    "methodConfig": [
+        {
+            "name": [{"service": pb.DESCRIPTOR.services_by_name["SignerService"].full_name}],
+            "retryPolicy": {
+                "maxAttempts": 5,
+                "initialBackoff": "0.1s",
+                "maxBackoff": "1s",
+                "backoffMultiplier": 2,
+                "retryableStatusCodes": ["UNAVAILABLE", "CANCELLED"],
+            },
+        }
+    ],
+}
+
+
+def channel_options(
+    service_config: Mapping[str, Any] | None = DEFAULT_SERVICE_CONFIG,
+    options: Sequence[tuple[str, Any]] = (),
+) -> list[tuple[str, Any]]:
+    """gRPC channel options: ``service_config`` as ``grpc.service_config`` (None: gRPC's own
+    defaults, i.e. ``pick_first`` and no retries), followed by ``options``."""
+    out: list[tuple[str, Any]] = []
+    if service_config is not None:
+        out.append(("grpc.service_config", json.dumps(service_config)))
+    return out + list(options)
 
 
 @dataclass(frozen=True)
@@ -156,7 +210,12 @@ class SignerClient:
         credentials: channel credentials (mTLS: ``grpc.ssl_channel_credentials(root, key, chain)``);
             None means a plaintext channel (development and Unix sockets only).
         channel: an existing channel to use instead.
-        timeout: deadline of each RPC, in seconds.
+        timeout: deadline of each RPC, in seconds (retries included).
+        service_config: the gRPC service config of the channel (load balancing and
+            retries); default :data:`DEFAULT_SERVICE_CONFIG`, None for gRPC's defaults.
+            Ignored when ``channel`` is given.
+        options: further gRPC channel options, e.g. ``[("grpc.ssl_target_name_override",
+            "helseid-signer.example")]``. Ignored when ``channel`` is given.
 
     Every method raises :class:`SignerError` (with the gRPC status code) on failure.
     """
@@ -168,11 +227,18 @@ class SignerClient:
         credentials: grpc.ChannelCredentials | None = None,
         channel: grpc.Channel | None = None,
         timeout: float = DEFAULT_TIMEOUT,
+        service_config: Mapping[str, Any] | None = DEFAULT_SERVICE_CONFIG,
+        options: Sequence[tuple[str, Any]] = (),
     ) -> None:
         if channel is None:
             if target is None:
                 raise ValueError("give a target or a channel")
-            channel = grpc.secure_channel(target, credentials) if credentials else grpc.insecure_channel(target)
+            opts = channel_options(service_config, options)
+            channel = (
+                grpc.secure_channel(target, credentials, options=opts)
+                if credentials
+                else grpc.insecure_channel(target, options=opts)
+            )
         self._channel = channel
         self._stub = signer_pb2_grpc.SignerServiceStub(channel)
         self.timeout = timeout
@@ -249,11 +315,18 @@ class AsyncSignerClient:
         credentials: grpc.ChannelCredentials | None = None,
         channel: grpc.aio.Channel | None = None,
         timeout: float = DEFAULT_TIMEOUT,
+        service_config: Mapping[str, Any] | None = DEFAULT_SERVICE_CONFIG,
+        options: Sequence[tuple[str, Any]] = (),
     ) -> None:
         if channel is None:
             if target is None:
                 raise ValueError("give a target or a channel")
-            channel = grpc.aio.secure_channel(target, credentials) if credentials else grpc.aio.insecure_channel(target)
+            opts = channel_options(service_config, options)
+            channel = (
+                grpc.aio.secure_channel(target, credentials, options=opts)
+                if credentials
+                else grpc.aio.insecure_channel(target, options=opts)
+            )
         self._channel = channel
         self._stub = signer_pb2_grpc.SignerServiceStub(channel)
         self.timeout = timeout
