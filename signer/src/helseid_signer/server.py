@@ -40,6 +40,7 @@ from . import metrics
 from .audit import AuditLog
 from .backends.base import BackendConfigError, BackendError, DriftReporter, KeyBackend
 from .config import ConfigError, ServerSettings, Settings, UnixSocketSettings, load_settings, parse_listen
+from .drain import CallTracker, drain_and_stop
 from .keys import KeyResolutionError, KeySlot, build_backends, resolve_key_slots
 from .policy import Caller, HtuPolicy, RateLimiter
 from .rotation import AssertionKeys, RegistrationBook, days_to_expiry
@@ -181,8 +182,9 @@ def _owner_ids(owner: str | int | None, group: str | int | None) -> tuple[int, i
     return uid, gid
 
 
-def _new_server(settings: Settings) -> grpc.aio.Server:
+def _new_server(settings: Settings, interceptors: tuple = ()) -> grpc.aio.Server:
     return grpc.aio.server(
+        interceptors=interceptors,
         maximum_concurrent_rpcs=settings.server.max_concurrent_rpcs,
         options=[
             ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
@@ -243,6 +245,7 @@ class Server:
         self.holder = RuntimeHolder(build_runtime(settings), self._audit_log(settings))
         self.executor = ThreadPoolExecutor(max_workers=8, thread_name_prefix="sign")
         self.health = health.aio.HealthServicer()
+        self.calls = CallTracker()  # SignerService calls in progress, for the drain on SIGTERM
         self.servers: list[grpc.aio.Server] = []
         self.addresses: list[str] = []
         self.sockets: list[tuple[str, UnixSocketSettings]] = []
@@ -256,7 +259,7 @@ class Server:
         return AuditLog(settings.audit.path, fail_closed=settings.audit.on_failure == "fail_closed")
 
     def _new_grpc_server(self, identify: Identify) -> grpc.aio.Server:
-        server = _new_server(self.settings)
+        server = _new_server(self.settings, (self.calls,))
         add_to_server(SignerServicer(self.holder, self.executor, identify), server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         if self.settings.server.reflection:
@@ -447,10 +450,10 @@ class Server:
         return True
 
     async def stop(self, grace: float = STOP_GRACE) -> None:
-        """Health NOT_SERVING first, then drain in-flight requests for up to ``grace`` s."""
+        """Health NOT_SERVING first, answer every call that has arrived (drain.py), then stop:
+        calls still running get ``grace`` s."""
         log.info("stopping: health NOT_SERVING, draining in-flight requests")
-        await self.health.enter_graceful_shutdown()
-        await asyncio.gather(*(server.stop(grace=grace) for server in self.servers))
+        await drain_and_stop(self.servers, self.health, self.calls, grace=grace)  # see drain.py
         self.executor.shutdown(wait=True)
         self.holder.current.audit.close()
         for backend in self.holder.runtime.backends.values():
