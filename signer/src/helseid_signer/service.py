@@ -139,7 +139,8 @@ class SignerServicer:
 
     Args:
         state: the current profiles and audit log (replaced as a whole on reload).
-        executor: where blocking backend calls run, off the event loop.
+        executor: where blocking backend calls run, off the event loop (a backend with a
+            ``sign_executor`` attribute, PKCS#11, gets its signatures run there instead).
         identify: finds the caller of a request (per listener: TLS certificate, Unix
             socket, or the configured insecure caller).
         clock: current time in seconds since the epoch.
@@ -159,7 +160,8 @@ class SignerServicer:
 
     async def _sign(self, key: SigningKey, header_b64: str, claims: dict[str, Any], deadline: float | None) -> str:
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._executor, sign_compact, key, header_b64, claims, deadline)
+        executor = getattr(key.backend, "sign_executor", None) or self._executor  # PKCS#11: its own thread
+        return await loop.run_in_executor(executor, sign_compact, key, header_b64, claims, deadline)
 
     async def _call(self, context: grpc.aio.ServicerContext, purpose: str, request: Any, work: Work) -> Any:
         started = time.perf_counter()
