@@ -1,4 +1,4 @@
-"""``helseid-signer`` command line: ``serve``, ``check``, ``keys create``, ``keys jwk``.
+"""``helseid-signer`` command line: ``serve``, ``check``, ``keys create|jwk|list|register``, ``jwks``.
 
 Exit codes: 0 success, 2 usage or configuration error (message on stderr naming the
 key), 1 any other failure. Never prints a private key or a PIN.
@@ -123,6 +123,47 @@ def cmd_check(args: argparse.Namespace) -> int:
     return run_check(args.config, timeout=args.timeout)
 
 
+def cmd_keys_list(args: argparse.Namespace) -> int:
+    from .register import format_key_list, list_keys
+
+    entries = list_keys(load_settings(args.config))
+    print(json.dumps(entries, indent=2) if args.json else format_key_list(entries))
+    return 0
+
+
+def cmd_jwks(args: argparse.Namespace) -> int:
+    from .register import RegistrationRefused, profile_jwks
+
+    try:
+        print(json.dumps(profile_jwks(load_settings(args.config), args.profile), indent=2))
+    except RegistrationRefused as exc:
+        print(f"helseid-signer: error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def cmd_keys_register(args: argparse.Namespace) -> int:
+    from .register import RegistrationRefused, register_manual, register_next_key
+
+    settings = load_settings(args.config)
+    try:
+        if args.manual:
+            if not args.expires:
+                raise RegistrationRefused("--manual needs --expires (the expiry the self-service portal shows)")
+            result = register_manual(
+                settings, args.profile, args.expires, key_name=args.key, records_dir=args.records_dir
+            )
+        else:
+            if args.expires or args.key:
+                raise RegistrationRefused("--expires and --key go with --manual (the API answers the expiry itself)")
+            result = register_next_key(settings, args.profile, records_dir=args.records_dir)
+    except RegistrationRefused as exc:
+        print(f"helseid-signer: keys register refused: {exc}", file=sys.stderr)
+        return 1
+    print(json.dumps(result, indent=2))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``helseid-signer`` command."""
     parser = argparse.ArgumentParser(prog="helseid-signer", description=__doc__.splitlines()[0])
@@ -158,6 +199,43 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--config", required=True)
     p.add_argument("--key", help="the [keys.NAME] to print; all keys as a JWKS when omitted")
     p.set_defaults(func=cmd_keys_jwk)
+
+    p = keys.add_parser(
+        "list",
+        help="every configured key: kid, backend version, which profiles use it and how, HelseID registration",
+    )
+    p.add_argument("--config", required=True)
+    p.add_argument("--json", action="store_true", help="print JSON instead of text")
+    p.set_defaults(func=cmd_keys_list)
+
+    p = keys.add_parser(
+        "register",
+        help="register a profile's NEXT assertion key with HelseID (self-service API) and record its expiry",
+        description="Uploads the NEXT key's public JWK to {selfservice.url}/v1/client-secret with a DPoP-bound "
+        "token this command gets with the CURRENT key, and writes the registration record the service needs "
+        "before the key may sign. --manual records a key uploaded by hand in the self-service portal. "
+        "Exit 0: registered; 1: refused (reason on stderr); 2: configuration error.",
+    )
+    p.add_argument("--config", required=True)
+    p.add_argument("--profile", required=True)
+    p.add_argument("--manual", action="store_true", help="the key was uploaded by hand: only write the record")
+    p.add_argument("--expires", help="with --manual: HelseID's expiry of the key, e.g. 2027-11-29T00:00:00Z")
+    p.add_argument("--key", help="with --manual: the profile's current or next assertion key (default: next)")
+    p.add_argument(
+        "--records-dir",
+        help="write the record here instead of [selfservice] records_dir (when that is a read-only mount; "
+        "then copy the file to every replica's records_dir)",
+    )
+    p.set_defaults(func=cmd_keys_register)
+
+    p = sub.add_parser(
+        "jwks",
+        help="the JWK Set HelseID should have for a profile: CURRENT, NEXT and PREVIOUS assertion keys, "
+        "as GetKeySet publishes them now",
+    )
+    p.add_argument("--config", required=True)
+    p.add_argument("--profile", required=True)
+    p.set_defaults(func=cmd_jwks)
 
     args = parser.parse_args(argv)
     setup_logging(args.log_level)
