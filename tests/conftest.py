@@ -10,6 +10,10 @@ import pytest
 
 from tests.support.softhsm import SoftHsmToken, create_token
 
+#: Tests against real services (HelseID's test environment) run only on request, with their
+#: own documented command: HELSEID_LIVE=1 .venv/bin/python -m pytest tests/live ...
+collect_ignore = [] if os.environ.get("HELSEID_LIVE") == "1" else ["live"]
+
 
 @pytest.fixture(scope="session")
 def softhsm_token(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SoftHsmToken]:

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import secrets
 import subprocess
 import sys
@@ -25,11 +24,7 @@ import httpx
 import pytest
 from jwcrypto import jwk, jws
 
-from helseid_signer.config import load_settings
-from helseid_signer.local_signer import LocalSigner
-from helseid_signer.policy import HtuPolicy
-from helseid_signer.register import expiration_text, opened_runtime, register_next_key
-from helseid_signer_client import TokenClient
+from helseid_signer.register import expiration_text
 from tests.support.authserver import running_authserver
 from tests.support.selfservice_standin import PATH, running_selfservice
 from tests.support.signerkit import keys_create, write_config
@@ -430,42 +425,3 @@ def test_no_output_holds_private_material_or_tokens(world, standin, config):
     assert "eyJ" not in output, "no JWS (token, assertion or proof) in the output"
     assert world["token"].pin not in output
     assert PATH in output  # it did log where it registered
-
-
-# --- against HelseID's test environment (a separate, opt-in command; see docs/operations.md) ----
-
-HELSEID_TEST_ISSUER = "https://helseid-sts.test.nhn.no"
-HELSEID_TEST_SELFSERVICE = "https://api.selvbetjening.test.nhn.no"
-
-
-@pytest.mark.skipif(
-    not os.environ.get("HELSEID_SELFSERVICE_TEST_CONFIG"),
-    reason="HelseID test environment: set HELSEID_SELFSERVICE_TEST_CONFIG and HELSEID_SELFSERVICE_TEST_PROFILE",
-)
-def test_register_against_helseid_test_environment():
-    """Registers the profile's NEXT key in HelseID's TEST environment, then shows with real
-    tokens that HelseID accepts the NEXT key and still accepts the CURRENT one (the rotation
-    model assumes the old key stays valid until the switch; NHN's documentation does not say).
-    Only for the test issuer and the test self-service API; run it alone (it loads the
-    configured backend in this process)."""
-    settings = load_settings(os.environ["HELSEID_SELFSERVICE_TEST_CONFIG"])
-    profile = os.environ["HELSEID_SELFSERVICE_TEST_PROFILE"]
-    p = settings.profiles[profile]
-    assert p.issuer == HELSEID_TEST_ISSUER, f"only for HelseID's test environment, not {p.issuer}"
-    assert settings.selfservice and settings.selfservice.url == HELSEID_TEST_SELFSERVICE
-
-    result = register_next_key(settings, profile)
-    expires = datetime.fromisoformat(result["expires_at"].replace("Z", "+00:00"))
-    assert expires > datetime.now(UTC) + timedelta(days=30), result
-    print(json.dumps({k: v for k, v in result.items() if k != "jwk"}, indent=2))
-
-    with opened_runtime(settings, [profile]) as runtime:
-        keys = runtime.profiles[profile].assertion_keys
-        dpop = runtime.profiles[profile].dpop_slot.get()
-        policy = HtuPolicy.from_settings(p.effective_token_endpoint, ())
-        for role, slot in (("next", keys.next), ("current", keys.current)):
-            signer = LocalSigner(profile, p, slot.get(), dpop, policy)
-            with TokenClient(signer, profile, settings.selfservice.scope) as tokens:  # type: ignore[arg-type]
-                token = tokens.get_token()
-            assert token.token_type == "DPoP", role
-            print(f"HelseID issued a token for the {role} key {slot.name} (kid {slot.get().kid})")

@@ -53,7 +53,8 @@ def test_tls_listener_needs_certificate_key_and_client_ca(tmp_path):
 def test_a_test_key_cannot_become_a_production_key_through_rotation(tmp_path):
     text = VALID.replace('issuer = "https://helseid-sts.test.nhn.no"', 'issuer = "https://helseid-sts.nhn.no"')
     text += (
-        f'\n[keys.test-next]\nuri = "pkcs11:token=helseid;object=test-next"\nalg = "PS256"\nissuers = ["{TEST_ISSUER}"]\n'
+        '\n[keys.test-next]\nuri = "pkcs11:token=helseid;object=test-next"\nalg = "PS256"\n'
+        f'issuers = ["{TEST_ISSUER}"]\n'
         '\n[selfservice]\nrecords_dir = "records"\n'
         '\n[profiles.demo.rotation]\nnext_key = "test-next"\nnext_active_from = 2026-12-01T00:00:00Z\n'
     )
