@@ -136,6 +136,7 @@ class AssertionKeys:
     client_id: str | None = None
     issuer: str | None = None
     _refused_kid: str | None = field(default=None, repr=False)
+    _announced_kid: str | None = field(default=None, repr=False)
 
     def next_is_active(self, now: float) -> bool:
         """True once the next key is due, resolved and registered (see module docstring)."""
@@ -151,6 +152,12 @@ class AssertionKeys:
                     self.next.name, key.kid, utc_text(self.next_active_from),
                 )  # fmt: skip
             return False
+        if self._announced_kid != key.kid:
+            self._announced_kid = key.kid
+            log.warning(
+                "rotation: next key %s (kid %s) signs client assertions from now on (due %s)",
+                self.next.name, key.kid, utc_text(self.next_active_from),
+            )  # fmt: skip
         return True
 
     def signing(self, now: float) -> KeySlot:

@@ -251,7 +251,7 @@ class Server:
         self.sockets: list[tuple[str, UnixSocketSettings]] = []
         self.tls: TlsFiles | None = None
         self._statuses: dict[str, bool] = {}
-        self._warned: set[str] = set()
+        self._warned: set[object] = set()
         self._next_drift_check = 0.0
 
     @staticmethod
@@ -338,8 +338,8 @@ class Server:
         for profile in runtime.profiles.values():
             warnings = profile.assertion_keys.expiry_warnings(wall)
             for warning in warnings:
-                if warning not in self._warned:
-                    self._warned.add(warning)
+                if (profile.name, warning) not in self._warned:
+                    self._warned.add((profile.name, warning))
                     log.warning("profile %s: %s", profile.name, warning)
             # Health detail: rotation:<profile> is NOT_SERVING while a due next key cannot take
             # over or a published key's HelseID registration expires within 14 days. It does
