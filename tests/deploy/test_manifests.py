@@ -406,3 +406,4 @@ def test_systemd_unit_is_hardened_and_stops_by_draining():
     assert credentials == {"pin", "tls.key", "tls.crt", "client-ca.crt"}
     assert not any("PIN" in v.upper() for v in _unit_values("Environment"))  # no secret in the environment
     assert service["ExecStart"].endswith("serve --config /etc/helseid-signer/signer.toml")
+    assert service["ExecReload"] == "/bin/kill -HUP $MAINPID"  # SIGHUP reloads configuration and TLS files
