@@ -78,7 +78,9 @@ def _client(world, name: str, ca_path: Path | None = None) -> SignerClient:
         private_key=cert.key,
         certificate_chain=cert.cert,
     )
-    return SignerClient(world["address"], credentials=credentials, timeout=5)
+    # No client-side retries: each test sees the service's own answer.
+    channel = grpc.secure_channel(world["address"], credentials)
+    return SignerClient(channel=channel, timeout=5)
 
 
 def _audit(world) -> list[dict]:
@@ -126,7 +128,7 @@ def test_trusted_but_unlisted_certificate_is_unauthenticated(world, who):
 def test_certificate_from_unknown_ca_or_none_fails_the_handshake(world, who):
     if who == "none":
         credentials = grpc.ssl_channel_credentials(root_certificates=world["ca"].cert_path.read_bytes())
-        client = SignerClient(world["address"], credentials=credentials, timeout=3)
+        client = SignerClient(channel=grpc.secure_channel(world["address"], credentials), timeout=3)
     else:
         client = _client(world, "foreign")
     with client, pytest.raises(SignerError) as caught:
@@ -135,7 +137,10 @@ def test_certificate_from_unknown_ca_or_none_fails_the_handshake(world, who):
 
 
 def test_plaintext_to_the_tls_listener_fails(world):
-    with SignerClient(world["address"], timeout=3) as plain, pytest.raises(SignerError) as caught:
+    with (
+        SignerClient(channel=grpc.insecure_channel(world["address"]), timeout=3) as plain,
+        pytest.raises(SignerError) as caught,
+    ):
         plain.sign_client_assertion("a")
     assert caught.value.code == grpc.StatusCode.UNAVAILABLE
 

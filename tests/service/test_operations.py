@@ -16,9 +16,9 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric import ec
 from jwcrypto import jwk, jws
 
-from helseid_signer_client import SignerClient, SignerError
+from helseid_signer_client import SignerError
 from tests.support.health import NOT_SERVING, SERVING, health, wait_health
-from tests.support.signer_proc import running_signer
+from tests.support.signer_proc import plain_client, running_signer
 from tests.support.signerkit import write_config
 from tests.support.softhsm import create_token, import_private_key
 
@@ -56,7 +56,7 @@ def ops(tmp_path):
 
 def test_token_deleted_and_recreated_recovers_without_restart(ops):
     with running_signer(ops["config"], env={"SOFTHSM2_CONF": str(ops["token"].conf)}) as address:
-        with SignerClient(address) as client:
+        with plain_client(address) as client:
             assert _verifies(client.sign_client_assertion("p").jwt, ops["key"])
             wait_health(address, SERVING, "backend:pkcs11")
 
@@ -80,7 +80,7 @@ def test_token_deleted_and_recreated_recovers_without_restart(ops):
 
 def test_replace_token_under_load_costs_at_most_one_request(ops):
     with running_signer(ops["config"], env={"SOFTHSM2_CONF": str(ops["token"].conf)}) as address:
-        with SignerClient(address) as client:
+        with plain_client(address) as client:
             assert _verifies(client.sign_dpop_proof("p", "POST", ISSUER + "/connect/token").jwt, ops["key"])
             _recreate(ops["folder"], ops["key"])
             failures, signed = 0, []
@@ -97,7 +97,7 @@ def test_replace_token_under_load_costs_at_most_one_request(ops):
 
 def test_a_different_key_in_the_recreated_token_is_never_used(ops):
     with running_signer(ops["config"], env={"SOFTHSM2_CONF": str(ops["token"].conf)}) as address:
-        with SignerClient(address) as client:
+        with plain_client(address) as client:
             kid = client.sign_client_assertion("p").kid
             impostor = ec.generate_private_key(ec.SECP256R1())
             _recreate(ops["folder"], impostor)
@@ -125,7 +125,7 @@ def test_key_missing_at_start_up_makes_the_backend_not_serving_until_it_appears(
     )  # fmt: skip
     with running_signer(config, env={"SOFTHSM2_CONF": str(token.conf)}) as address:
         assert health(address, "backend:pkcs11") == NOT_SERVING and health(address) == NOT_SERVING
-        with SignerClient(address) as client:
+        with plain_client(address) as client:
             with pytest.raises(SignerError) as caught:
                 client.sign_client_assertion("p")
             assert caught.value.code == grpc.StatusCode.UNAVAILABLE and "not available" in caught.value.details
@@ -149,7 +149,7 @@ def test_bad_configuration_stops_start_up_with_a_message_naming_the_key(ops):
 def test_sighup_reloads_a_good_configuration_and_refuses_a_bad_one(ops):
     config = ops["config"]
     with running_signer(config, env={"SOFTHSM2_CONF": str(ops["token"].conf)}) as address:
-        with SignerClient(address) as client:
+        with plain_client(address) as client:
             assert client.get_client_profile("p").assertion_lifetime_seconds == 10
             original = config.read_text()
             # A good change: a second profile and a shorter lifetime.

@@ -58,3 +58,13 @@ def running_signer(config: Path, env: dict[str, str] | None = None, timeout: flo
                 except subprocess.TimeoutExpired:
                     proc.kill()
                     proc.wait()
+
+
+def plain_client(address: str, timeout: float = 5.0):
+    """A SignerClient WITHOUT the library's default retries and balancing: tests of the
+    service's own answers (UNAVAILABLE, RESOURCE_EXHAUSTED...) must see each answer once."""
+    import grpc
+
+    from helseid_signer_client import SignerClient
+
+    return SignerClient(channel=grpc.insecure_channel(address), timeout=timeout)

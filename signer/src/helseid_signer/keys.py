@@ -7,6 +7,7 @@ JOSE headers) is computed here at start-up, not on the signing path.
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -118,6 +119,10 @@ class KeyResolutionError(Exception):
     """A configured key could not be resolved or does not fit its ``alg``; names the key."""
 
 
+STARTUP_TRIES = 5
+STARTUP_RETRY_DELAY = 0.2  # seconds
+
+
 class KeySlot:
     """A configured key as the running service holds it: resolved, or still pending
     because its backend was unreachable (or the key missing) at start-up.
@@ -168,5 +173,12 @@ def resolve_key_slots(settings: Settings, backends: dict[str, KeyBackend], now: 
     KeyResolutionError (naming the key) for configuration errors only."""
     slots = {name: KeySlot(name, key, backends[scheme_of(key.uri)]) for name, key in settings.keys.items()}
     for slot in slots.values():
-        slot.try_resolve(now)
+        # A few quick tries first: processes starting together on one token store (workers,
+        # replicas) can briefly miss the token; only a lasting failure leaves the key pending.
+        for attempt in range(STARTUP_TRIES):
+            if slot.try_resolve(now) or attempt == STARTUP_TRIES - 1:
+                break
+            time.sleep(STARTUP_RETRY_DELAY)
+        if slot.key is None:  # the health loop goes on from 1 s, doubling to 60 s
+            slot.next_attempt, slot._backoff = time.monotonic() + 1.0, 2.0
     return slots

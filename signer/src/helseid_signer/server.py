@@ -51,6 +51,8 @@ SERVICE_NAME = signer_pb2.DESCRIPTOR.services_by_name["SignerService"].full_name
 
 #: Requests are a few hundred bytes; anything near this is hostile.
 MAX_MESSAGE_BYTES = 64 * 1024
+MAX_CONNECTION_AGE_MS = 300_000
+MAX_CONNECTION_AGE_GRACE_MS = 30_000
 STOP_GRACE = 5.0  # seconds in-flight requests get after SIGTERM
 IMPLICIT_INSECURE_CALLER = "insecure-development"
 PROBE_TIMEOUT = 3.0  # seconds a health probe signature may take
@@ -190,6 +192,10 @@ def _new_server(settings: Settings, interceptors: tuple = ()) -> grpc.aio.Server
             ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
             ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
             ("grpc.so_reuseport", 1),
+            # Connections are recycled (GOAWAY, then a grace period) so that clients balancing
+            # with round_robin over DNS also reach replicas added after they connected.
+            ("grpc.max_connection_age_ms", MAX_CONNECTION_AGE_MS),
+            ("grpc.max_connection_age_grace_ms", MAX_CONNECTION_AGE_GRACE_MS),
         ],
     )
 

@@ -198,7 +198,8 @@ def _attr_bytes(obj: Any, attribute: Attribute) -> bytes:
     return bytes(value) if not isinstance(value, bytes) else value
 
 
-RECOVERY_INTERVAL = 1.0  # seconds between attempts to re-initialise Cryptoki
+RECOVERY_INTERVAL = 0.5  # seconds between attempts to re-initialise Cryptoki
+PKCS11_SIGN_ALLOWANCE = 0.1  # seconds a recovery and a signature take at most, for deadline checks
 _SPKI = (serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
 
 
@@ -391,7 +392,7 @@ class Pkcs11Backend:
                 # sessions and handles (bug-kinds 22): re-initialise Cryptoki, find the key
                 # again by its URI, and sign once more - only with the SAME public key.
                 self._healthy = False
-                if not self._recover():
+                if not self._recover(deadline):
                     raise BackendUnavailableError(f"PKCS#11 sign failed and recovery failed: {handle.error}") from None
                 try:
                     if handle.private is None:
@@ -407,17 +408,23 @@ class Pkcs11Backend:
             )
         return bytes(signature)
 
-    def _recover(self) -> bool:
+    def _recover(self, deadline: float | None = None) -> bool:
         """Re-initialise Cryptoki and re-find every resolved key (caller holds the lock).
 
-        At most one attempt per second; False when it failed or was skipped. A key whose
-        object now holds a DIFFERENT public key is not used again (its handle stays empty):
-        a request must never get a signature from a key other than the one its kid names.
+        At most one attempt per RECOVERY_INTERVAL: a request that comes sooner after an
+        attempt (its own, another request's or the health probe's) waits for the next one
+        when its ``deadline`` allows, else it fails without touching the module. False when
+        the attempt failed or was skipped. A key whose object now holds a DIFFERENT public
+        key is not used again (its handle stays empty): a request must never get a signature
+        from a key other than the one its kid names.
         """
+        due = self._last_recovery + RECOVERY_INTERVAL
         now = time.monotonic()
-        if now - self._last_recovery < RECOVERY_INTERVAL:
-            return False
-        self._last_recovery = now
+        if now < due:
+            if deadline is None or deadline - PKCS11_SIGN_ALLOWANCE < due:
+                return False
+            time.sleep(due - now)
+        self._last_recovery = time.monotonic()
         self._sessions.clear()
         try:
             if self._lib is not None:
