@@ -98,9 +98,12 @@ class LoadGen:
                 per_worker[worker].append(slot)
             else:
                 spare.append(slot)
-        for slot in spare:
-            await slot.channel.close()
         ordered = [w[i] for i in range(want) for w in per_worker if i < len(w)]  # alternate workers
+        if len(ordered) < size:  # could not place enough: fill up with connections as they came
+            ordered += spare[: size - len(ordered)]
+        for slot in spare:
+            if slot not in ordered:
+                await slot.channel.close()
         return ordered[:size], [len(w) for w in per_worker]
 
     # -- cells -------------------------------------------------------------------------
