@@ -186,3 +186,25 @@ def _eventually(check, timeout: float = 10.0) -> None:
     while not check():
         assert time.monotonic() < deadline, "condition not met in time"
         time.sleep(0.1)
+
+
+def test_token_created_after_start_up_is_found_without_restart(tmp_path):
+    """Cryptoki lists tokens at C_Initialize: the backend re-initialises to find a token that
+    appeared later (or that a busy token store hid at start-up)."""
+    from tests.support.softhsm import DEFAULT_MODULE, SoftHsmToken, write_conf
+
+    folder = tmp_path / "token"
+    conf = write_conf(folder)
+    future = SoftHsmToken(conf=conf, module=DEFAULT_MODULE, label="late", pin_file=folder / "user.pin", serial="")
+    config = write_config(
+        tmp_path / "signer.toml", future, issuer=ISSUER, client_id="ops",
+        keys={"k": "ES256"}, profiles={"p": ("k", "k")},
+        server_lines=('listen = "127.0.0.1:0"', "insecure = true", "health_interval = 0.2"),
+    )  # fmt: skip
+    with running_signer(config, env={"SOFTHSM2_CONF": str(conf)}) as address, plain_client(address) as client:
+        assert health(address, "backend:pkcs11") == NOT_SERVING
+        key = ec.generate_private_key(ec.SECP256R1())
+        token = create_token(folder, label="late")
+        import_private_key(token, key, "k", "01")
+        wait_health(address, SERVING, "backend:pkcs11", timeout=15)
+        assert _verifies(client.sign_client_assertion("p").jwt, key)

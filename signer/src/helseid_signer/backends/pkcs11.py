@@ -251,6 +251,7 @@ class Pkcs11Backend:
         self._handles: list[_KeyHandle] = []
         self._healthy = True
         self._last_recovery = 0.0
+        self._last_rescan = 0.0
 
     @property
     def sign_executor(self) -> ThreadPoolExecutor:
@@ -286,8 +287,15 @@ class Pkcs11Backend:
             raise BackendConfigError(f"environment variable {self._pin_env} (the PKCS#11 PIN) is not set")
         raise BackendConfigError("no PKCS#11 PIN source: set pin_env or pin_file for the pkcs11 backend")
 
-    def _session(self, uri: Pkcs11Uri) -> Any:
-        """The logged-in session of the token ``uri`` names (caller holds the lock)."""
+    def _session(self, uri: Pkcs11Uri, rescan: bool = True) -> Any:
+        """The logged-in session of the token ``uri`` names (caller holds the lock).
+
+        Cryptoki lists tokens at ``C_Initialize``: a token created since then - or missed
+        because another process was writing the token store at that moment - is only seen
+        after re-initialising. So when the token is missing and ``rescan`` allows, Cryptoki is
+        re-initialised once (at most every RECOVERY_INTERVAL) and the token looked up again;
+        sessions and handles of other keys go stale and recover on their next use.
+        """
         key = (uri.token, uri.serial)
         session = self._sessions.get(key)
         if session is None:
@@ -297,6 +305,11 @@ class Pkcs11Backend:
                 serial = uri.serial.encode() if uri.serial is not None else None
                 token = lib.get_token(token_label=uri.token, token_serial=serial)
             except pkcs11.NoSuchToken:
+                if rescan and time.monotonic() - self._last_rescan >= RECOVERY_INTERVAL:
+                    self._last_rescan = time.monotonic()
+                    self._sessions.clear()
+                    lib.reinitialize()
+                    return self._session(uri, rescan=False)
                 raise KeyNotFoundError(f"no PKCS#11 token with label {uri.token!r} / serial {uri.serial!r}") from None
             except pkcs11.MultipleTokensReturned:
                 raise BackendConfigError(
@@ -436,7 +449,7 @@ class Pkcs11Backend:
         recovered = True
         for handle in self._handles:
             try:
-                session = self._session(handle.parsed)
+                session = self._session(handle.parsed, rescan=False)  # Cryptoki was just re-initialised
                 private = self._find_one(session, handle.parsed, ObjectClass.PRIVATE_KEY, handle.uri)
                 public = self._public_key(self._find_one(session, handle.parsed, ObjectClass.PUBLIC_KEY, handle.uri))
                 if public.public_bytes(*_SPKI) != handle.public_key.public_bytes(*_SPKI):
