@@ -24,6 +24,10 @@ fi
 for tool in softhsm2-util node npm python3; do
   command -v "$tool" >/dev/null || { echo "[setup] ERROR: $tool is still missing" >&2; exit 1; }
 done
+node_major=$(node -p 'process.versions.node.split(".")[0]')
+[ "$node_major" -ge 20 ] || {
+  echo "[setup] ERROR: Node.js 20 or newer is required for oidc-provider (found $(node --version));" \
+       "install it (e.g. Debian trixie's nodejs, or NodeSource) and run again" >&2; exit 1; }
 python3 -c 'import sys; sys.exit(sys.version_info < (3, 11))' || {
   echo "[setup] ERROR: Python 3.11 or newer is required (found $(python3 --version))" >&2; exit 1; }
 

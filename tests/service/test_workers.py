@@ -100,3 +100,21 @@ def test_configuration_error_in_workers_stops_the_supervisor(tmp_path):
     assert result.returncode == 2, result.stderr[-2000:]
     assert "keys.ec" in result.stderr and time.monotonic() - started < 30
     assert "TypeError" not in result.stderr
+
+
+def test_a_second_single_server_cannot_take_over_a_port_in_use(two_workers, tmp_path):
+    """SO_REUSEPORT is only for one supervisor's workers: another instance on the same port
+    must fail to start, not silently take half of the connections."""
+    _, address, _ = two_workers
+    token = create_token(tmp_path / "token", label="second")
+    keys_create(token, "k", "EC-P256", "ES256")
+    config = write_config(
+        tmp_path / "signer.toml", token, issuer="https://helseid-sts.test.nhn.no", client_id="impostor",
+        keys={"k": "ES256"}, profiles={"p": ("k", "k")},
+        server_lines=(f'listen = "{address}"', "insecure = true"),
+    )  # fmt: skip
+    result = subprocess.run(
+        [sys.executable, "-m", "helseid_signer.cli", "serve", "--config", str(config)],
+        env=token.env(), capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert result.returncode == 2 and "server.listen: cannot listen on" in result.stderr, result.stderr[-1500:]

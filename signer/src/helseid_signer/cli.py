@@ -164,6 +164,17 @@ def cmd_keys_register(args: argparse.Namespace) -> int:
     return 0
 
 
+def _seconds(text: str) -> float:
+    """argparse type: a number of seconds from 0.1 to 60."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+    if not 0.1 <= value <= 60:  # also refuses nan and inf
+        raise argparse.ArgumentTypeError(f"{text!r}: give 0.1 to 60 seconds")
+    return value
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``helseid-signer`` command."""
     parser = argparse.ArgumentParser(prog="helseid-signer", description=__doc__.splitlines()[0])
@@ -181,7 +192,9 @@ def main(argv: list[str] | None = None) -> int:
         description="Exit 0: no errors (warnings allowed); 1: errors; 2: invalid configuration.",
     )
     p.add_argument("--config", required=True, help="TOML configuration file")
-    p.add_argument("--timeout", type=float, default=3.0, help="seconds to wait for each discovery document")
+    p.add_argument(
+        "--timeout", type=_seconds, default=3.0, help="seconds to wait for each discovery document (0.1 to 60)"
+    )
     p.set_defaults(func=cmd_check)
 
     keys = sub.add_parser("keys", help="key lifecycle").add_subparsers(dest="keys_command", required=True)

@@ -184,14 +184,16 @@ def _owner_ids(owner: str | int | None, group: str | int | None) -> tuple[int, i
     return uid, gid
 
 
-def _new_server(settings: Settings, interceptors: tuple = ()) -> grpc.aio.Server:
+def _new_server(settings: Settings, interceptors: tuple = (), reuse_port: bool = False) -> grpc.aio.Server:
     return grpc.aio.server(
         interceptors=interceptors,
         maximum_concurrent_rpcs=settings.server.max_concurrent_rpcs,
         options=[
             ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
             ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
-            ("grpc.so_reuseport", 1),
+            # SO_REUSEPORT only for the worker processes of one supervisor (which reserved the
+            # port): a single server must fail to start on a port another instance holds.
+            ("grpc.so_reuseport", 1 if reuse_port else 0),
             # Connections are recycled (GOAWAY, then a grace period) so that clients balancing
             # with round_robin over DNS also reach replicas added after they connected.
             ("grpc.max_connection_age_ms", MAX_CONNECTION_AGE_MS),
@@ -248,6 +250,7 @@ class Server:
         self.settings = settings
         self.config_path = config_path
         self.listen = listen or settings.server.listen
+        self.is_worker = listen is not None  # a supervisor's worker, sharing a reserved port
         self.holder = RuntimeHolder(build_runtime(settings), self._audit_log(settings))
         self.executor = ThreadPoolExecutor(max_workers=8, thread_name_prefix="sign")
         self.health = health.aio.HealthServicer()
@@ -265,7 +268,7 @@ class Server:
         return AuditLog(settings.audit.path, fail_closed=settings.audit.on_failure == "fail_closed")
 
     def _new_grpc_server(self, identify: Identify) -> grpc.aio.Server:
-        server = _new_server(self.settings, (self.calls,))
+        server = _new_server(self.settings, (self.calls,), reuse_port=self.is_worker)
         add_to_server(SignerServicer(self.holder, self.executor, identify), server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         if self.settings.server.reflection:
@@ -282,19 +285,25 @@ class Server:
         if self.listen:
             host, port = parse_listen(self.listen)
             target = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-            if server_settings.insecure:
-                name = server_settings.insecure_caller or IMPLICIT_INSECURE_CALLER
-                log.warning(
-                    "listening WITHOUT TLS on %s (server.insecure = true): development only; every request "
-                    "there is caller %r",
-                    target,
-                    name,
-                )
-                bound = self._new_grpc_server(named_identifier(self.holder, name)).add_insecure_port(target)
-            else:
-                self.tls = TlsFiles(server_settings)
-                grpc_server = self._new_grpc_server(tls_identifier(self.holder))
-                bound = grpc_server.add_secure_port(target, self.tls.credentials())
+            try:
+                if server_settings.insecure:
+                    name = server_settings.insecure_caller or IMPLICIT_INSECURE_CALLER
+                    log.warning(
+                        "listening WITHOUT TLS on %s (server.insecure = true): development only; every request "
+                        "there is caller %r",
+                        target,
+                        name,
+                    )
+                    bound = self._new_grpc_server(named_identifier(self.holder, name)).add_insecure_port(target)
+                else:
+                    self.tls = TlsFiles(server_settings)
+                    grpc_server = self._new_grpc_server(tls_identifier(self.holder))
+                    bound = grpc_server.add_secure_port(target, self.tls.credentials())
+            except RuntimeError as exc:  # grpcio: "Failed to bind to address ..."
+                bound = 0
+                log.debug("bind failed: %s", exc)
+            if not bound:
+                raise ConfigError(f"server.listen: cannot listen on {target} (in use by another process?)")
             self.addresses.append(f"{host}:{bound}")
         for name, c in self.settings.callers.items():
             if c.unix_socket is None:

@@ -39,6 +39,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import re
 import secrets
 import threading
 import time
@@ -66,6 +67,9 @@ from .base import (
     KeyNotFoundError,
     ResolvedKey,
 )
+
+_BAD_PCT = re.compile(r"%(?![0-9A-Fa-f]{2})")
+MAX_ATTRIBUTE_LENGTH = 512  # characters of one (encoded) URI attribute value
 
 _RSA_MECHANISMS = {
     ("sha256", Padding.PKCS1V15): Mechanism.SHA256_RSA_PKCS,
@@ -128,11 +132,17 @@ class Pkcs11Uri:
         if not uri.startswith("pkcs11:"):
             raise BackendConfigError(f"{uri!r} is not a PKCS#11 URI (RFC 7512)")
         path, _, query = uri[len("pkcs11:") :].partition("?")
+        if _BAD_PCT.search(uri):
+            raise BackendConfigError(f"PKCS#11 URI {uri[:80]!r} has an invalid percent-encoding")
         attrs: dict[str, str] = {}
         for part in filter(None, path.split(";")):
             name, eq, value = part.partition("=")
             if not eq:
                 raise BackendConfigError(f"PKCS#11 URI attribute {part!r} has no value")
+            if name in attrs:
+                raise BackendConfigError(f"PKCS#11 URI attribute {name!r} appears twice (RFC 7512 section 2.3)")
+            if len(value) > MAX_ATTRIBUTE_LENGTH or (name != "id" and "%00" in value):
+                raise BackendConfigError(f"PKCS#11 URI attribute {name!r} is too long or holds a NUL byte")
             attrs[name] = value
         qattrs: dict[str, str] = {}
         for part in filter(None, query.split("&")):
@@ -310,7 +320,10 @@ class Pkcs11Backend:
                     self._sessions.clear()
                     lib.reinitialize()
                     return self._session(uri, rescan=False)
-                raise KeyNotFoundError(f"no PKCS#11 token with label {uri.token!r} / serial {uri.serial!r}") from None
+                which = f"label {uri.token!r}" if uri.serial is None else f"serial {uri.serial!r}"
+                hint = " (SoftHSM: is SOFTHSM2_CONF set to the token store's configuration?)" if (
+                    "softhsm" in self.module_path.lower()) else ""  # fmt: skip
+                raise KeyNotFoundError(f"no PKCS#11 token with {which}{hint}") from None
             except pkcs11.MultipleTokensReturned:
                 raise BackendConfigError(
                     f"several PKCS#11 tokens match label {uri.token!r}; add serial= to the URI"
