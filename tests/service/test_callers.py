@@ -211,3 +211,19 @@ def test_audit_failure_fails_closed(tmp_path, world):
         with SignerClient(address, credentials=credentials) as a, pytest.raises(SignerError) as caught:
             a.sign_client_assertion("a")
     assert caught.value.code == grpc.StatusCode.UNAVAILABLE and "audit" in caught.value.details
+
+
+def test_audit_names_the_caller_of_an_unparseable_request(world):
+    cert = world["certs"]["app-b"]
+    credentials = grpc.ssl_channel_credentials(world["ca"].cert_path.read_bytes(), cert.key, cert.cert)
+    with grpc.secure_channel(world["address"], credentials) as channel:
+        call = channel.unary_unary(
+            "/helseid.signer.v1.SignerService/SignDpopProof",
+            request_serializer=lambda raw: raw,
+            response_deserializer=lambda raw: raw,
+        )
+        with pytest.raises(grpc.RpcError) as caught:
+            call(b"\x0a\x02\xff\xfe", timeout=5)  # field 1 (profile): invalid UTF-8
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    last = [r for r in _audit(world) if r["purpose"] == "dpop_proof" and r["status"] == "INVALID_ARGUMENT"][-1]
+    assert last["caller"] == "app-b" and last["error"].startswith("request:")

@@ -167,13 +167,13 @@ class SignerServicer:
         started = time.perf_counter()
         record: dict[str, Any] = {"caller": None, "profile": None, "purpose": purpose}
         try:
+            caller = self._identify(context)
+            record["caller"] = caller.name if caller else None
             if isinstance(request, MalformedRequest):
                 raise RequestError(
                     "request",
                     f"is not a valid {request.message_type} (malformed protobuf, or a string that is not UTF-8)",
                 )
-            caller = self._identify(context)
-            record["caller"] = caller.name if caller else None
             if caller is not None:
                 record["profile"] = check_profile_name(request.profile)
             check_caller_may_use(caller, request.profile)
