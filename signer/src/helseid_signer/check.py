@@ -41,6 +41,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
 from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
 
+from .backends.base import CustodyReporter
 from .claims import assertion_details, build_assertion_claims, build_proof_claims, canonical_htu, new_jti
 from .config import ConfigError, ProfileSettings, Settings, is_loopback_host, load_settings
 from .keys import ASSERTION_TYP, DPOP_TYP, SigningKey, build_backends, make_signing_key
@@ -240,6 +241,8 @@ def check_keys(settings: Settings, report: Report) -> tuple[dict[str, SigningKey
                 f"keys.{name}: {_describe(resolved.public_key)} fits {key.alg.name} "
                 f"(kid {key.kid}, version {resolved.version})"
             )
+            if isinstance(backend, CustodyReporter) and (custody := backend.custody_warning(resolved)):
+                report.warning(f"keys.{name}: {custody}")
     return keys, backends
 
 

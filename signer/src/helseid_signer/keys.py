@@ -7,6 +7,7 @@ JOSE headers) is computed here at start-up, not on the signing path.
 
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -15,6 +16,7 @@ from .algorithms import Algorithm, check_key_fits, get_algorithm
 from .backends.base import (
     AlgChecker,
     BackendUnavailableError,
+    CustodyReporter,
     KeyAccessDeniedError,
     KeyBackend,
     KeyNotFoundError,
@@ -25,6 +27,7 @@ from .backends.base import (
 from .config import KeySettings, Settings
 from .jwt import json_b64, public_jwk, thumbprint
 
+log = logging.getLogger("helseid_signer.keys")
 ASSERTION_TYP = "client-authentication+jwt"
 DPOP_TYP = "dpop+jwt"
 
@@ -149,6 +152,10 @@ class KeySlot:
             resolved = self.backend.resolve(self.settings.uri)
             self.key = make_signing_key(self.name, self.settings.alg, self.backend, resolved)
             self.error = None
+            if isinstance(self.backend, CustodyReporter):
+                warning = self.backend.custody_warning(resolved)
+                if warning:
+                    log.warning("keys.%s: %s", self.name, warning)
             return True
         except (BackendUnavailableError, KeyNotFoundError, KeyAccessDeniedError) as exc:
             # Transient at start-up: an unreachable backend, a key not there yet, or rights

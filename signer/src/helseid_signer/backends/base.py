@@ -131,6 +131,19 @@ class AlgChecker(Protocol):
 
 
 @runtime_checkable
+class CustodyReporter(Protocol):
+    """Optional: say when a resolved private key is not held as this product promises -
+    exportable now, or exported/imported at some time (PKCS#11 CKA_EXTRACTABLE,
+    CKA_SENSITIVE, CKA_NEVER_EXTRACTABLE, CKA_ALWAYS_SENSITIVE). The key still signs (the
+    operator may have imported it on purpose); the server logs the message at start-up
+    and ``helseid-signer check`` reports it as a warning."""
+
+    def custody_warning(self, key: ResolvedKey) -> str | None:
+        """A message when the key's custody is weaker than non-exportable-since-creation."""
+        ...
+
+
+@runtime_checkable
 class DriftReporter(Protocol):
     """Optional: report that the key store has moved on from the pinned key version (an AWS
     alias now names another key; a newer Azure key version exists). The pinned version

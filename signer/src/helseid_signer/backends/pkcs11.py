@@ -44,7 +44,7 @@ import secrets
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 from urllib.parse import unquote, unquote_to_bytes
@@ -220,6 +220,31 @@ def probe_algorithm(public_key: PublicKey) -> Algorithm:
     return next(a for a in ALGORITHMS.values() if a.curve and isinstance(public_key.curve, a.curve.crypto))
 
 
+_CUSTODY_RULES = (
+    ("extractable", True, "is extractable (CKA_EXTRACTABLE true)"),
+    ("sensitive", False, "is not sensitive (CKA_SENSITIVE false)"),
+    ("never_extractable", False, "was extractable at some time (CKA_NEVER_EXTRACTABLE false: imported or exported)"),
+    ("always_sensitive", False, "was not always sensitive (CKA_ALWAYS_SENSITIVE false)"),
+)
+
+
+def _custody_flags(private: Any) -> dict[str, bool | None]:
+    """CKA_EXTRACTABLE / CKA_SENSITIVE / CKA_NEVER_EXTRACTABLE / CKA_ALWAYS_SENSITIVE of a
+    private key object; None for an attribute the token does not report."""
+    flags: dict[str, bool | None] = {}
+    for name, attribute in (
+        ("extractable", Attribute.EXTRACTABLE),
+        ("sensitive", Attribute.SENSITIVE),
+        ("never_extractable", Attribute.NEVER_EXTRACTABLE),
+        ("always_sensitive", Attribute.ALWAYS_SENSITIVE),
+    ):
+        try:
+            flags[name] = bool(private[attribute])
+        except (PKCS11Error, KeyError, NotImplementedError):
+            flags[name] = None
+    return flags
+
+
 class _Stale(Exception):
     """A key handle lost in an earlier failure: recover before signing."""
 
@@ -234,6 +259,7 @@ class _KeyHandle:
     public_key: PublicKey
     private: Any
     error: str | None = None
+    custody: dict[str, bool | None] = field(default_factory=dict)
 
 
 class Pkcs11Backend:
@@ -352,16 +378,23 @@ class Pkcs11Backend:
                 public = self._find_one(session, parsed, ObjectClass.PUBLIC_KEY, uri)
                 public_key = self._public_key(public)
                 object_id = _attr_bytes(private, Attribute.ID)
+                custody = _custody_flags(private)
                 serial = (
                     session.token.serial.decode() if isinstance(session.token.serial, bytes) else session.token.serial
                 )
             except PKCS11Error as exc:
                 raise BackendUnavailableError(f"PKCS#11 error resolving {uri!r}: {type(exc).__name__}") from exc
         version = f"serial={serial.strip()};id={object_id.hex()}"
-        handle = _KeyHandle(uri, parsed, public_key, private)
+        handle = _KeyHandle(uri, parsed, public_key, private, custody=custody)
         with self._lock:
             self._handles.append(handle)
         return ResolvedKey(uri=uri, version=version, public_key=public_key, handle=handle)
+
+    def custody_warning(self, key: ResolvedKey) -> str | None:
+        """:class:`~.base.CustodyReporter`: the private key object's flags as read at resolve."""
+        flags = key.handle.custody
+        problems = [text for attribute, bad, text in _CUSTODY_RULES if flags.get(attribute) is bad]
+        return None if not problems else "private key " + "; ".join(problems)
 
     def _check_module(self, parsed: Pkcs11Uri) -> None:
         if parsed.module_path and os.path.realpath(parsed.module_path) != self.module_path:
