@@ -73,6 +73,18 @@ def channel_options(
     return out + list(options)
 
 
+def _open_channel(
+    api: Any, target: str | None, credentials: grpc.ChannelCredentials | None, options: list[tuple[str, Any]]
+) -> Any:
+    """A channel to ``target`` from ``api`` (``grpc`` or ``grpc.aio``): TLS when
+    ``credentials`` are given, else plaintext. ValueError without a target."""
+    if target is None:
+        raise ValueError("give a target or a channel")
+    if credentials:
+        return api.secure_channel(target, credentials, options=options)
+    return api.insecure_channel(target, options=options)
+
+
 @dataclass(frozen=True)
 class ClientAssertion:
     """A signed client assertion.
@@ -231,14 +243,7 @@ class SignerClient:
         options: Sequence[tuple[str, Any]] = (),
     ) -> None:
         if channel is None:
-            if target is None:
-                raise ValueError("give a target or a channel")
-            opts = channel_options(service_config, options)
-            channel = (
-                grpc.secure_channel(target, credentials, options=opts)
-                if credentials
-                else grpc.insecure_channel(target, options=opts)
-            )
+            channel = _open_channel(grpc, target, credentials, channel_options(service_config, options))
         self._channel = channel
         self._stub = signer_pb2_grpc.SignerServiceStub(channel)
         self.timeout = timeout
@@ -319,14 +324,7 @@ class AsyncSignerClient:
         options: Sequence[tuple[str, Any]] = (),
     ) -> None:
         if channel is None:
-            if target is None:
-                raise ValueError("give a target or a channel")
-            opts = channel_options(service_config, options)
-            channel = (
-                grpc.aio.secure_channel(target, credentials, options=opts)
-                if credentials
-                else grpc.aio.insecure_channel(target, options=opts)
-            )
+            channel = _open_channel(grpc.aio, target, credentials, channel_options(service_config, options))
         self._channel = channel
         self._stub = signer_pb2_grpc.SignerServiceStub(channel)
         self.timeout = timeout
