@@ -584,7 +584,12 @@ def _meta(args: argparse.Namespace, bench: Bench) -> dict:
             f"grpcio {grpc.__version__}",
             "server": f"helseid-signer serve, {args.workers} worker process(es) (SO_REUSEPORT), "
             "plaintext TCP on loopback "
-            f"(insecure = true; production uses mTLS), SoftHSM 2 via PKCS#11",
+            f"(insecure = true; production uses mTLS), SoftHSM 2 via PKCS#11, signing "
+            + (
+                "on the event loop (sign_on_event_loop = true)"
+                if args.sign_on_event_loop
+                else "on the module's signing thread (default)"
+            ),
             "audit / metrics": "as production: audit to a file (temp folder), on_failure = fail_closed; Prometheus "
             "metrics on ([metrics] listen; multiprocess mode with several workers)",
             "load": f"separate process, grpc.aio + client library, {bench.args.channels} connection(s) spread "
@@ -615,6 +620,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--channels", type=int, default=16, help="connections of the load generator")
     p.add_argument("--clients", type=int, default=64, help="correctness: concurrent clients (0: no correctness run)")
     p.add_argument("--per-client", type=int, help="correctness: signatures per client (500; --quick 100)")
+    p.add_argument(
+        "--sign-on-event-loop",
+        action="store_true",
+        help="configure [backends.pkcs11] sign_on_event_loop = true (default: the production default, false)",
+    )
     p.add_argument("--compare", type=Path, help="a JSON file of an earlier run to compare with")
     p.add_argument("--strict", action="store_true", help="exit 3 when a target is missed")
     p.add_argument(
@@ -647,7 +657,10 @@ def main(argv: list[str] | None = None) -> int:
     args.json.parent.mkdir(parents=True, exist_ok=True)
     started = time.monotonic()
     say(f"starting ({'quick' if args.quick else 'full'} run) ...")
-    with tempfile.TemporaryDirectory(prefix="helseid-bench-") as tmp, world.world(Path(tmp), args.workers, say) as w:
+    with (
+        tempfile.TemporaryDirectory(prefix="helseid-bench-") as tmp,
+        world.world(Path(tmp), args.workers, say, args.sign_on_event_loop) as w,
+    ):
         bench = Bench(args, w)
         correctness = soak = None
         try:

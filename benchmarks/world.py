@@ -98,7 +98,15 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def signer_config(path: Path, token: SoftHsmToken, issuer: str, api_base: str, workers: int, audit: Path) -> Path:
+def signer_config(
+    path: Path,
+    token: SoftHsmToken,
+    issuer: str,
+    api_base: str,
+    workers: int,
+    audit: Path,
+    sign_on_event_loop: bool = False,
+) -> Path:
     lines = [
         "# Written by the benchmark (benchmarks/world.py) for one run.",
         "[server]",
@@ -109,6 +117,7 @@ def signer_config(path: Path, token: SoftHsmToken, issuer: str, api_base: str, w
         "[backends.pkcs11]",
         f'module = "{token.module}"',
         f'pin_file = "{token.pin_file}"',
+        f"sign_on_event_loop = {'true' if sign_on_event_loop else 'false'}",
         "",
         "[audit]",
         'sink = "file"',
@@ -168,7 +177,7 @@ def start_signer(
 
 
 @contextlib.contextmanager
-def world(folder: Path, workers: int, say=print) -> Iterator[World]:
+def world(folder: Path, workers: int, say=print, sign_on_event_loop: bool = False) -> Iterator[World]:
     """Start everything (see the module docstring) and stop it on exit."""
     say("  SoftHSM token and keys (helseid-signer keys create) ...")
     token = create_token(folder / "token", label="bench")
@@ -182,7 +191,9 @@ def world(folder: Path, workers: int, say=print) -> Iterator[World]:
     say("  authorization server (oidc-provider) and DEFT stand-in API ...")
     with running_authserver(clients, access_token_ttl=3600) as auth, DeftApi(auth.issuer) as api:
         audit = folder / "audit.jsonl"
-        config = signer_config(folder / "signer.toml", token, auth.issuer, api.base_url + "/api", workers, audit)
+        config = signer_config(
+            folder / "signer.toml", token, auth.issuer, api.base_url + "/api", workers, audit, sign_on_event_loop
+        )
         say(f"  helseid-signer serve with {workers} worker(s) ...")
         with start_signer(config, {"SOFTHSM2_CONF": str(token.conf)}, folder / "signer.log") as (proc, address):
             w = World(folder, token, jwks, auth, api, config, audit, proc, address, workers, pems)

@@ -21,6 +21,8 @@ import logging
 import os
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -362,6 +364,53 @@ def test_sign_every_alg_verifies_with_independent_libraries(
                     signature, signing_input, padding.PSS(mgf=padding.MGF1(HASHES[alg.hash_name]()), salt_length=wrong),
                     digest,
                 )  # fmt: skip
+
+
+@pytest.mark.parametrize("alg_name", ["RS256", "PS256", "ES256", "ES512"])
+def test_sign_now_gives_the_same_kind_of_signature_as_sign(
+    alg_name: str, pkcs11_backend: Pkcs11Backend, resolved: dict[str, ResolvedKey]
+) -> None:
+    """``sign_now`` (the opt-in sign_on_event_loop path) uses the same mechanism table:
+    its signatures verify with jwcrypto and cryptography and have the JWS size."""
+    key, alg = resolved[ALG_SPEC[alg_name]], ALGORITHMS[alg_name]
+    signing_input = hjwt.signing_input(hjwt.json_b64({"alg": alg_name}), hjwt.json_b64({"jti": alg_name}))
+    signature = pkcs11_backend.sign_now(key, alg, signing_input)
+    assert signature is not None
+    assert json.loads(verify_with_jwcrypto(hjwt.compact(signing_input, signature), key.public_key, alg_name)) == {
+        "jti": alg_name
+    }
+    verify_with_cryptography(alg_name, key.public_key, signature, signing_input)
+    expected = 2 * CURVES[alg.curve.name][1] if alg_name.startswith("ES") else key.public_key.key_size // 8
+    assert len(signature) == expected
+
+
+def test_sign_now_never_waits_for_the_module_lock(
+    pkcs11_backend: Pkcs11Backend, resolved: dict[str, ResolvedKey]
+) -> None:
+    """While another thread holds the module lock (a signature, the health probe, a
+    recovery), ``sign_now`` answers None at once - the event loop is never blocked - and
+    signs again once the lock is free."""
+    key, alg = resolved["EC-P256"], ALGORITHMS["ES256"]
+    held, release = threading.Event(), threading.Event()
+
+    def hold() -> None:
+        with module_lock(pkcs11_backend.module_path):
+            held.set()
+            release.wait(10)
+
+    holder = threading.Thread(target=hold)
+    holder.start()
+    try:
+        assert held.wait(10)
+        started = time.monotonic()
+        assert pkcs11_backend.sign_now(key, alg, b"a.b") is None
+        assert time.monotonic() - started < 0.05
+    finally:
+        release.set()
+        holder.join(10)
+    signature = pkcs11_backend.sign_now(key, alg, b"a.b")
+    assert signature is not None
+    verify_with_cryptography("ES256", key.public_key, signature, b"a.b")
 
 
 def test_pss_signatures_are_randomised(pkcs11_backend: Pkcs11Backend, resolved: dict[str, ResolvedKey]) -> None:

@@ -35,14 +35,16 @@ def write_config(
     api_base_urls: tuple[str, ...] = (),
     extra_lines: tuple[str, ...] = (),
     server_lines: tuple[str, ...] = ('listen = "127.0.0.1:0"', "insecure = true"),
+    pkcs11_lines: tuple[str, ...] = (),
 ) -> Path:
     """Write a signer TOML: ``keys`` maps key name -> alg (object label = key name);
     ``profiles`` maps profile name -> (assertion key, DPoP key), each with ``api_base_urls``;
     ``extra_lines`` are appended (callers, audit, ...); ``server_lines`` make the
-    ``[server]`` section (default: plaintext on a free loopback port)."""
+    ``[server]`` section (default: plaintext on a free loopback port); ``pkcs11_lines``
+    are added to ``[backends.pkcs11]``."""
     lines = [
         "[server]", *server_lines, "",
-        "[backends.pkcs11]", f'module = "{token.module}"', f'pin_file = "{token.pin_file}"', "",
+        "[backends.pkcs11]", f'module = "{token.module}"', f'pin_file = "{token.pin_file}"', *pkcs11_lines, "",
     ]  # fmt: skip
     for name, alg in keys.items():
         lines += [f"[keys.{name}]", f'uri = "{token.uri(name)}"', f'alg = "{alg}"', ""]

@@ -230,6 +230,14 @@ def test_other_errors_name_the_key(tmp_path: Path, key: str, line: str, where: s
     assert f"{where}: " in load_error(tmp_path, replace_line(VALID, key, line))
 
 
+def test_sign_on_event_loop_is_off_unless_set_and_must_be_a_boolean(tmp_path: Path) -> None:
+    assert load_settings(write(tmp_path, VALID)).backends.pkcs11.sign_on_event_loop is False
+    on = VALID.replace("[backends.pkcs11]", "[backends.pkcs11]\nsign_on_event_loop = true")
+    assert load_settings(write(tmp_path, on)).backends.pkcs11.sign_on_event_loop is True
+    text = VALID.replace("[backends.pkcs11]", '[backends.pkcs11]\nsign_on_event_loop = "yes"')
+    assert "backends.pkcs11.sign_on_event_loop: " in load_error(tmp_path, text)
+
+
 def test_pin_source_required(tmp_path: Path) -> None:
     error = load_error(tmp_path, replace_line(VALID, "pin_file", ""))
     assert "backends.pkcs11: " in error and "pin_env" in error

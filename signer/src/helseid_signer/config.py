@@ -188,6 +188,9 @@ class Pkcs11Settings(_Strict):
     module: str
     pin_env: str | None = None
     pin_file: ConfigPath | None = None
+    #: Sign on the worker's event loop when the module is idle (docs/configuration.md):
+    #: faster for modules that compute in the process, a stall risk for network HSMs.
+    sign_on_event_loop: Bool = False
 
     @model_validator(mode="after")
     def _one_pin_source(self) -> Pkcs11Settings:

@@ -21,8 +21,8 @@ A call that arrives in the instant between the end of phase 1 and the GOAWAY is 
 cancelled; the client library retries CANCELLED as well as UNAVAILABLE on another replica
 (see ``helseid_signer_client.signer.DEFAULT_SERVICE_CONFIG``).
 
-:class:`CallTracker` is the server interceptor that knows how many SignerService calls
-are running and when the last one started or ended.
+:class:`CallTracker` knows how many SignerService calls are running and when the last
+one started or ended.
 """
 
 from __future__ import annotations
@@ -35,49 +35,39 @@ from typing import Any
 import grpc
 from grpc_health.v1 import health
 
-from helseid_signer_client._proto import signer_pb2
-
-_PREFIX = "/" + signer_pb2.DESCRIPTOR.services_by_name["SignerService"].full_name + "/"
-
 #: Seconds at most that phase 1 waits for calls to stop arriving.
 SETTLE = 2.0
 #: Phase 1 ends once no SignerService call has run or started for this many seconds.
 QUIET = 0.25
 
 
-class CallTracker(grpc.aio.ServerInterceptor):
+class CallTracker:
     """Counts the SignerService calls in progress (health and reflection calls are not
-    counted: an open health ``Watch`` never ends by itself)."""
+    counted: an open health ``Watch`` never ends by itself).
+
+    The servicer's methods are wrapped once, when they are registered (:meth:`wrap`, used by
+    ``service.add_to_server``), not by a server interceptor: an interceptor puts a chain of
+    coroutines and a new method handler on EVERY call of the server, health checks included
+    (gRPC ceiling -17 %, docs/performance.md)."""
 
     def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
         self._clock = clock
         self.active = 0
         self.last_change = clock()
 
-    async def intercept_service(
-        self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
-        handler_call_details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler:
-        handler = await continuation(handler_call_details)
-        if handler is None or handler.unary_unary is None or not handler_call_details.method.startswith(_PREFIX):
-            return handler
-        inner = handler.unary_unary
+    def wrap(self, behaviour: Callable[[Any, Any], Awaitable[Any]]) -> Callable[[Any, Any], Awaitable[Any]]:
+        """``behaviour`` (an async unary-unary servicer method), counted while it runs."""
 
         async def tracked(request: Any, context: grpc.aio.ServicerContext) -> Any:
             self.active += 1
             self.last_change = self._clock()
             try:
-                return await inner(request, context)
+                return await behaviour(request, context)
             finally:
                 self.active -= 1
                 self.last_change = self._clock()
 
-        return grpc.unary_unary_rpc_method_handler(
-            tracked,
-            request_deserializer=handler.request_deserializer,
-            response_serializer=handler.response_serializer,
-        )
+        return tracked
 
     async def wait_quiet(self, quiet: float, timeout: float, poll: float = 0.01) -> bool:
         """Wait until no call has run for ``quiet`` seconds; False if ``timeout`` came first."""

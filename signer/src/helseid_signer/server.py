@@ -184,9 +184,8 @@ def _owner_ids(owner: str | int | None, group: str | int | None) -> tuple[int, i
     return uid, gid
 
 
-def _new_server(settings: Settings, interceptors: tuple = (), reuse_port: bool = False) -> grpc.aio.Server:
+def _new_server(settings: Settings, reuse_port: bool = False) -> grpc.aio.Server:
     return grpc.aio.server(
-        interceptors=interceptors,
         maximum_concurrent_rpcs=settings.server.max_concurrent_rpcs,
         options=[
             ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
@@ -268,8 +267,8 @@ class Server:
         return AuditLog(settings.audit.path, fail_closed=settings.audit.on_failure == "fail_closed")
 
     def _new_grpc_server(self, identify: Identify) -> grpc.aio.Server:
-        server = _new_server(self.settings, (self.calls,), reuse_port=self.is_worker)
-        add_to_server(SignerServicer(self.holder, self.executor, identify), server)
+        server = _new_server(self.settings, reuse_port=self.is_worker)
+        add_to_server(SignerServicer(self.holder, self.executor, identify), server, self.calls)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         if self.settings.server.reflection:
             from grpc_reflection.v1alpha import reflection

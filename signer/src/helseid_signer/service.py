@@ -45,6 +45,7 @@ from .claims import (
     new_jti,
 )
 from .config import ProfileSettings
+from .drain import CallTracker
 from .jwt import compact, json_b64, signing_input
 from .keys import KeySlot, SigningKey
 from .policy import Caller, HtuPolicy, check_caller_may_use
@@ -91,12 +92,14 @@ def _safe_deserializer(message_class: Any) -> Callable[[bytes], Any]:
     return deserialize
 
 
-def add_to_server(servicer: SignerServicer, server: grpc.aio.Server) -> None:
+def add_to_server(servicer: SignerServicer, server: grpc.aio.Server, tracker: CallTracker | None = None) -> None:
     """Register ``servicer`` for every RPC of ``helseid.signer.v1.SignerService``, with
-    request parsing that cannot fail with UNKNOWN (see :class:`MalformedRequest`)."""
+    request parsing that cannot fail with UNKNOWN (see :class:`MalformedRequest`), each
+    call counted by ``tracker`` (the drain on SIGTERM) when given."""
+    track = tracker.wrap if tracker is not None else (lambda behaviour: behaviour)
     handlers = {
         method.name: grpc.unary_unary_rpc_method_handler(
-            getattr(servicer, method.name),
+            track(getattr(servicer, method.name)),
             request_deserializer=_safe_deserializer(getattr(pb, method.input_type.name)),
             response_serializer=getattr(pb, method.output_type.name).SerializeToString,
         )
@@ -111,8 +114,25 @@ def sign_compact(key: SigningKey, header_b64: str, claims: dict[str, Any], deadl
     data = signing_input(header_b64, json_b64(claims))
     started = time.perf_counter()
     signature = key.sign(data, deadline)
-    metrics.BACKEND_SIGN_SECONDS.labels(key.backend.scheme, key.alg.name).observe(time.perf_counter() - started)
+    _observe_sign(key, started)
     return compact(data, signature)
+
+
+def sign_compact_now(key: SigningKey, header_b64: str, claims: dict[str, Any]) -> str | None:
+    """:func:`sign_compact` on the caller's thread when the backend can sign without waiting
+    (``sign_now``, PKCS#11 with ``sign_on_event_loop``); None when it cannot (use
+    :func:`sign_compact` on the signing thread)."""
+    data = signing_input(header_b64, json_b64(claims))
+    started = time.perf_counter()
+    signature = key.backend.sign_now(key.resolved, key.alg, data)
+    if signature is None:
+        return None
+    _observe_sign(key, started)
+    return compact(data, signature)
+
+
+def _observe_sign(key: SigningKey, started: float) -> None:
+    metrics.BACKEND_SIGN_SECONDS.labels(key.backend.scheme, key.alg.name).observe(time.perf_counter() - started)
 
 
 Work = Callable[[Profile, Any, dict[str, Any], float | None], Awaitable[Any]]
@@ -159,6 +179,10 @@ class SignerServicer:
         self._clock = clock
 
     async def _sign(self, key: SigningKey, header_b64: str, claims: dict[str, Any], deadline: float | None) -> str:
+        if getattr(key.backend, "sign_on_event_loop", False):  # opt-in, PKCS#11 (docs/performance.md)
+            jws = sign_compact_now(key, header_b64, claims)
+            if jws is not None:
+                return jws
         loop = asyncio.get_running_loop()
         executor = getattr(key.backend, "sign_executor", None) or self._executor  # PKCS#11: its own thread
         return await loop.run_in_executor(executor, sign_compact, key, header_b64, claims, deadline)

@@ -249,6 +249,22 @@ class _Stale(Exception):
     """A key handle lost in an earlier failure: recover before signing."""
 
 
+def _mechanism_input(alg: Algorithm, signing_input: bytes) -> tuple[bytes, Any, Any]:
+    """What C_Sign gets for ``alg``: (data, mechanism, mechanism parameter). ECDSA signs the
+    digest (CKM_ECDSA), RSA the input itself (CKM_SHA*_RSA_PKCS[_PSS] hash inside)."""
+    if alg.padding is Padding.NONE:
+        return hashlib.new(alg.hash_name, signing_input).digest(), Mechanism.ECDSA, None
+    param = _PSS_PARAMS[alg.hash_name] if alg.padding is Padding.PSS else None
+    return signing_input, _RSA_MECHANISMS[(alg.hash_name, alg.padding)], param
+
+
+def _check_signature_size(alg: Algorithm, signature: bytes) -> None:
+    if alg.signature_size is not None and len(signature) != alg.signature_size:
+        raise BackendUnavailableError(
+            f"token returned a {len(signature)}-byte ECDSA signature, {alg.signature_size} expected"
+        )
+
+
 @dataclass
 class _KeyHandle:
     """What ``ResolvedKey.handle`` holds: the key's URI, its pinned public key, and the
@@ -269,18 +285,29 @@ class Pkcs11Backend:
         module: path of the PKCS#11 module (``/usr/lib/softhsm/libsofthsm2.so``).
         pin_env: name of an environment variable holding the user PIN, or None.
         pin_file: path of a file holding the user PIN (trailing newline stripped), or None.
+        sign_on_event_loop: let the service call :meth:`sign_now` on its event loop instead
+            of handing each signature to the module's signing thread (``[backends.pkcs11]
+            sign_on_event_loop``; only for modules that compute in the process, see
+            docs/configuration.md).
 
     Raises BackendConfigError when neither PIN source is usable.
     """
 
     scheme: ClassVar[str] = "pkcs11"
 
-    def __init__(self, module: str, pin_env: str | None = None, pin_file: str | None = None) -> None:
+    def __init__(
+        self,
+        module: str,
+        pin_env: str | None = None,
+        pin_file: str | None = None,
+        sign_on_event_loop: bool = False,
+    ) -> None:
         # One Cryptoki instance and one lock per module FILE: a symlink and its target
         # (/usr/lib/softhsm/libsofthsm2.so -> .../x86_64-linux-gnu/...) are the same module.
         self.module_path = os.path.realpath(module)
         self._pin_env = pin_env
         self._pin_file = pin_file
+        self.sign_on_event_loop = sign_on_event_loop
         self._lock = module_lock(self.module_path)
         self._lib: Any = None
         self._sessions: dict[tuple[str | None, str | None], Any] = {}
@@ -433,13 +460,7 @@ class Pkcs11Backend:
 
         ``deadline`` is accepted for the interface and not needed: a local token answers in
         milliseconds and a Cryptoki call cannot be cancelled."""
-        if alg.padding is Padding.NONE:
-            data = hashlib.new(alg.hash_name, signing_input).digest()
-            mechanism, param = Mechanism.ECDSA, None
-        else:
-            data = signing_input
-            mechanism = _RSA_MECHANISMS[(alg.hash_name, alg.padding)]
-            param = _PSS_PARAMS[alg.hash_name] if alg.padding is Padding.PSS else None
+        data, mechanism, param = _mechanism_input(alg, signing_input)
         handle: _KeyHandle = key.handle
         with self._lock:
             try:
@@ -461,10 +482,32 @@ class Pkcs11Backend:
                     raise BackendUnavailableError(f"PKCS#11 sign failed: {type(exc).__name__}") from exc
                 log.warning("PKCS#11 backend recovered after %s", type(first).__name__)
             self._healthy = True
-        if alg.signature_size is not None and len(signature) != alg.signature_size:
-            raise BackendUnavailableError(
-                f"token returned a {len(signature)}-byte ECDSA signature, {alg.signature_size} expected"
-            )
+        _check_signature_size(alg, signature)
+        return bytes(signature)
+
+    def sign_now(self, key: ResolvedKey, alg: Algorithm, signing_input: bytes) -> bytes | None:
+        """Sign at once if that cannot wait on anything; None when it might, and the caller
+        should use :meth:`sign` on the signing thread instead.
+
+        "Might wait" means: the module lock is held (another signature, the health probe, a
+        recovery), the backend is recovering, or the key is unavailable. A Cryptoki error
+        also gives None (the signing thread's :meth:`sign` then recovers and retries), so
+        this never runs recovery - which can take seconds - on the caller's thread. What it
+        cannot bound is a module whose C_Sign itself blocks (a network HSM): hence opt-in.
+        """
+        handle: _KeyHandle = key.handle
+        if not self._healthy or handle.private is None or not self._lock.acquire(blocking=False):
+            return None
+        try:
+            if handle.private is None:
+                return None
+            data, mechanism, param = _mechanism_input(alg, signing_input)
+            signature = handle.private.sign(data, mechanism=mechanism, mechanism_param=param)
+        except PKCS11Error:
+            return None
+        finally:
+            self._lock.release()
+        _check_signature_size(alg, signature)
         return bytes(signature)
 
     def _recover(self, deadline: float | None = None) -> bool:
