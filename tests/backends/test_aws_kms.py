@@ -645,3 +645,24 @@ def test_main_job_runs_with_keys_in_kms(kms, endpoint, tmp_path):
                 signer.sign_dpop_proof("app", "GET", api.base_url + "/api/whoami")
             assert caught.value.code == grpc.StatusCode.FAILED_PRECONDITION
             assert "disabled" in str(caught.value)
+
+
+# -- key custody (CustodyReporter) ---------------------------------------------------------
+
+
+def test_custody_warning_follows_the_keys_origin_and_multi_region(kms, backend):
+    """DescribeKey's ``Origin`` and ``MultiRegion``, read at resolve, decide the warning:
+    a key made in KMS gets none; imported key material (``EXTERNAL``) and a multi-Region
+    key each get theirs. The keys still resolve."""
+    _, made = new_key(kms)
+    assert backend.custody_warning(backend.resolve(made)) is None
+
+    _, imported = new_key(kms, Origin="EXTERNAL")
+    assert backend.custody_warning(backend.resolve(imported)) == (
+        "key material was imported into KMS (Origin EXTERNAL): a copy existed outside KMS"
+    )
+
+    _, replicated = new_key(kms, MultiRegion=True)
+    assert backend.custody_warning(backend.resolve(replicated)) == (
+        "multi-Region key: replicas in other Regions hold the same private key"
+    )

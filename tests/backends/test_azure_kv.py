@@ -698,3 +698,27 @@ def test_concurrent_signing_from_many_threads(standin, backend):
     for data, signature in results:
         verify_jose(public, "ES256", data, signature)
     assert backend.health() is True
+
+
+# -- key custody (CustodyReporter) ---------------------------------------------------------
+
+
+def test_custody_warning_names_exportable_and_software_keys(standin, backend):
+    """What the vault says about the key version decides the warning: an HSM key that is
+    not exportable gets none; a software-protected key (kty EC, not EC-HSM) and an
+    exportable key (release policy) each get theirs. The keys still resolve and sign."""
+    hsm = backend.resolve(ref(standin, new_key(standin, "EC-P256", kty="EC-HSM")))
+    assert backend.custody_warning(hsm) is None
+
+    software = backend.resolve(ref(standin, new_key(standin, "EC-P256")))
+    assert backend.custody_warning(software) == (
+        "software-protected key (kty EC, not EC-HSM): the private key is not in an HSM"
+    )
+
+    policy = {"contentType": "application/json; charset=utf-8", "data": "eyJhbnlPZiI6W119"}
+    name = new_key(standin, "RSA-2048", kty="RSA-HSM", attributes={"exportable": True}, release_policy=policy)
+    exportable = backend.resolve(ref(standin, name))
+    warning = backend.custody_warning(exportable)
+    assert warning == "private key is exportable (exportable = true: a release policy can release it)"
+    signature = backend.sign(exportable, ALGORITHMS["RS256"], b"a.b")
+    verify_jose(exportable.public_key, "RS256", b"a.b", signature)

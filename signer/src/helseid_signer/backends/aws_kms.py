@@ -197,12 +197,24 @@ class KmsKey:
         alias: the alias the reference named (``alias/...``), or None.
         key_spec: the KMS KeySpec (``RSA_2048`` ... ``ECC_NIST_P521``).
         signing_algorithms: the KMS SigningAlgorithms the key allows.
+        origin: where the key material came from (``AWS_KMS``, ``AWS_CLOUDHSM``,
+            ``EXTERNAL`` = imported, ``EXTERNAL_KEY_STORE``).
+        multi_region: a multi-Region key (replicas in other Regions hold the same material).
     """
 
     arn: str
     alias: str | None
     key_spec: str
     signing_algorithms: tuple[str, ...]
+    origin: str = "AWS_KMS"
+    multi_region: bool = False
+
+
+#: KMS key Origin -> why a key of that origin is weaker custody than a key made in KMS.
+_ORIGIN_WARNINGS = {
+    "EXTERNAL": "key material was imported into KMS (Origin EXTERNAL): a copy existed outside KMS",
+    "EXTERNAL_KEY_STORE": "key material is held in an external key store outside AWS (Origin EXTERNAL_KEY_STORE)",
+}
 
 
 class _Abandoned(Exception):
@@ -414,8 +426,31 @@ class AwsKmsBackend:
         public_key = _load_public_key(public_der, spec, arn)
         if ref.alias:
             log.info("%s pinned to key %s", uri, arn)
-        handle = KmsKey(arn=arn, alias=ref.alias, key_spec=spec, signing_algorithms=tuple(meta["SigningAlgorithms"]))
+        handle = KmsKey(
+            arn=arn,
+            alias=ref.alias,
+            key_spec=spec,
+            signing_algorithms=tuple(meta["SigningAlgorithms"]),
+            origin=str(meta.get("Origin") or "unknown"),
+            multi_region=bool(meta.get("MultiRegion")),
+        )
         return ResolvedKey(uri=uri, version=arn, public_key=public_key, handle=handle)
+
+    def custody_warning(self, key: ResolvedKey) -> str | None:
+        """:class:`~.base.CustodyReporter`: the key's ``Origin`` and ``MultiRegion`` as
+        DescribeKey gave them at resolve. A key generated in KMS (``AWS_KMS``) or in a CloudHSM
+        key store (``AWS_CLOUDHSM``) is never exportable: no warning. Imported material
+        (``EXTERNAL``), an external key store, or a multi-Region key (the same private key in
+        other Regions, each replica under its own key policy) get one."""
+        handle: KmsKey = key.handle
+        problems = []
+        if handle.origin in _ORIGIN_WARNINGS:
+            problems.append(_ORIGIN_WARNINGS[handle.origin])
+        elif handle.origin not in ("AWS_KMS", "AWS_CLOUDHSM"):
+            problems.append(f"key origin {handle.origin!r} is not one this service knows to be non-exportable")
+        if handle.multi_region:
+            problems.append("multi-Region key: replicas in other Regions hold the same private key")
+        return "; ".join(problems) or None
 
     def check_alg(self, key: ResolvedKey, alg: Algorithm) -> None:
         """Optional capability (see base.py): refuse ``alg`` when the pinned key's KMS

@@ -192,6 +192,7 @@ class _Handle:
     kty: str
     key_ops: frozenset[str]
     client: CryptographyClient
+    exportable: bool | None = None
 
 
 class DeadlineRetryPolicy(RetryPolicy):
@@ -394,8 +395,31 @@ class AzureKvBackend:
             if client is None:
                 client = CryptographyClient(key, self._credential, **self._client_options())
                 self._crypto_clients[key.id] = client
-        handle = _Handle(ref=ref, version=version, kid=key.id, kty=kty, key_ops=key_ops, client=client)
+        handle = _Handle(
+            ref=ref,
+            version=version,
+            kid=key.id,
+            kty=kty,
+            key_ops=key_ops,
+            client=client,
+            exportable=key.properties.exportable,
+        )
         return ResolvedKey(uri=uri, version=key.id, public_key=public_key, handle=handle)
+
+    def custody_warning(self, key: ResolvedKey) -> str | None:
+        """:class:`~.base.CustodyReporter`: what the vault said about the key version at
+        resolve. ``exportable = true`` (a key with a release policy: it can be released out
+        of the vault) and a software-protected key type (``RSA``/``EC``, not
+        ``RSA-HSM``/``EC-HSM``: the private key is not in an HSM) each get a warning."""
+        handle: _Handle = key.handle
+        problems = []
+        if handle.exportable:
+            problems.append("private key is exportable (exportable = true: a release policy can release it)")
+        if not handle.kty.endswith("-HSM"):
+            problems.append(
+                f"software-protected key (kty {handle.kty}, not {handle.kty}-HSM): the private key is not in an HSM"
+            )
+        return "; ".join(problems) or None
 
     def check_alg(self, key: ResolvedKey, alg: Algorithm) -> None:
         """Refuse ``alg`` for this key before any call: key family (RSA/RSA-HSM vs EC/EC-HSM),

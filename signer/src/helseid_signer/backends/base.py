@@ -134,9 +134,10 @@ class AlgChecker(Protocol):
 class CustodyReporter(Protocol):
     """Optional: say when a resolved private key is not held as this product promises -
     exportable now, or exported/imported at some time (PKCS#11 CKA_EXTRACTABLE,
-    CKA_SENSITIVE, CKA_NEVER_EXTRACTABLE, CKA_ALWAYS_SENSITIVE). The key still signs (the
-    operator may have imported it on purpose); the server logs the message at start-up
-    and ``helseid-signer check`` reports it as a warning."""
+    CKA_SENSITIVE, CKA_NEVER_EXTRACTABLE, CKA_ALWAYS_SENSITIVE; AWS KMS Origin and
+    MultiRegion; Azure Key Vault exportable and kty). The key still signs (the operator may
+    have imported it on purpose); the server logs the message at start-up and
+    ``helseid-signer check`` reports it as a warning."""
 
     def custody_warning(self, key: ResolvedKey) -> str | None:
         """A message when the key's custody is weaker than non-exportable-since-creation."""
