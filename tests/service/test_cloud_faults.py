@@ -5,7 +5,10 @@ health follows, and every signature verifies under the key its kid names."""
 
 from __future__ import annotations
 
+import json
+import re
 import time
+from pathlib import Path
 
 import boto3
 import grpc
@@ -55,6 +58,22 @@ def _config(path, backend_lines: list[str], uri: str, alg: str) -> None:
     )
 
 
+def _assert_details_stay_in_the_log(details: str, config, secret_parts: tuple[str, ...]) -> None:
+    """The caller's message says what kind of failure and gives a ref; the key reference,
+    ARN and endpoint are only in the signer's log line and audit record with that ref."""
+    match = re.search(r"\(ref ([0-9a-f]{8}); details in the signer's log\)$", details)
+    assert match, details
+    for part in secret_parts:
+        assert part not in details
+    ref = match.group(1)
+    lines = [json.loads(line) for line in Path(str(config) + ".log").read_text().splitlines() if ref in line]
+    logged = [entry for entry in lines if "backend error" in entry.get("message", entry.get("msg", ""))]
+    audited = [entry for entry in lines if entry.get("ref") == ref]
+    assert logged and audited, lines
+    assert audited[0]["outcome"] == "failed" and audited[0]["error"] == details
+    assert any(part in audited[0]["backend_error"] for part in secret_parts), audited[0]
+
+
 def test_kms_endpoint_unreachable_then_back(tmp_path):
     with aws_test_environment(), running_kms_endpoint() as endpoint, TcpProxy(endpoint.url) as proxy:
         kms = boto3.client("kms", region_name=TEST_REGION, endpoint_url=endpoint.url)
@@ -81,6 +100,7 @@ def test_kms_endpoint_unreachable_then_back(tmp_path):
                 client.sign_client_assertion("p")
             assert caught.value.code == grpc.StatusCode.UNAVAILABLE
             assert time.monotonic() - started < 4.5  # bounded by the caller's deadline
+            _assert_details_stay_in_the_log(caught.value.details, config, secret_parts=(arn, proxy.url))
             wait_health(address, NOT_SERVING, "backend:awskms")
             assert health(address) == NOT_SERVING
 
@@ -111,6 +131,8 @@ def test_key_vault_429_and_503(tmp_path):
             with pytest.raises(SignerError) as caught:
                 client.sign_client_assertion("p")
             assert caught.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED
+            assert caught.value.details.startswith("the key store is throttling requests; retry later (ref ")
+            _assert_details_stay_in_the_log(caught.value.details, config, secret_parts=(uri.removeprefix("azurekv:"),))
             vault.clear_faults()
             # 503 for a while: UNAVAILABLE, then service resumes.
             vault.unavailable(None)

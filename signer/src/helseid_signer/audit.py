@@ -6,7 +6,8 @@ A record holds: ``time`` (UTC, ISO 8601 with milliseconds), ``caller``, ``profil
 status name), ``latency_ms``, and for signatures ``kid``, ``alg``, ``jti``,
 ``key_version`` (the backend's exact key version), ``exp`` for assertions, ``htm``/``htu``
 and ``nonce_present``/``ath_present`` for proofs; for refusals ``error`` (the message,
-which names the field).
+which names the field); for backend failures also ``ref`` (the reference the caller was
+given) and ``backend_error`` (the backend's own text, which callers never see).
 
 It NEVER holds a JWS, a signature, an access token (the service never sees one; only
 whether an ``ath`` was requested), a nonce value, a key or a PIN.

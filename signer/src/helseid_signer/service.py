@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import secrets
 import time
 from collections.abc import Awaitable, Callable
 from concurrent.futures import Executor
@@ -32,7 +33,14 @@ from helseid_signer_client._proto import signer_pb2 as pb
 
 from . import metrics
 from .audit import AuditError, AuditLog
-from .backends.base import BackendError
+from .backends.base import (
+    BackendConfigError,
+    BackendError,
+    BackendThrottledError,
+    BackendUnavailableError,
+    KeyAccessDeniedError,
+    KeyNotFoundError,
+)
 from .claims import (
     RequestError,
     assertion_details,
@@ -135,6 +143,25 @@ def _observe_sign(key: SigningKey, started: float) -> None:
     metrics.BACKEND_SIGN_SECONDS.labels(key.backend.scheme, key.alg.name).observe(time.perf_counter() - started)
 
 
+#: What a caller is told for each kind of backend failure (:func:`caller_message`).
+_BACKEND_SUMMARIES: tuple[tuple[type[BackendError], str], ...] = (
+    (KeyNotFoundError, "the signing key is not available in its key store"),
+    (BackendThrottledError, "the key store is throttling requests; retry later"),
+    (KeyAccessDeniedError, "the key store refused to sign (the key is disabled, or the signer lacks rights to it)"),
+    (BackendConfigError, "the key store configuration is wrong"),
+    (BackendUnavailableError, "the signing key or its key store is not available"),
+)
+
+
+def caller_message(exc: BackendError, ref: str) -> str:
+    """The gRPC status message for a backend failure: its kind and ``ref``, the reference
+    of the log line (and audit record) that holds the details. Backend texts name key
+    references, ARNs, vault URLs and endpoints; callers do not need them to decide whether
+    to retry (the status code says that), and on-call staff find them by ``ref``."""
+    summary = next((text for kind, text in _BACKEND_SUMMARIES if isinstance(exc, kind)), "the key store failed")
+    return f"{summary} (ref {ref}; details in the signer's log)"
+
+
 Work = Callable[[Profile, Any, dict[str, Any], float | None], Awaitable[Any]]
 
 
@@ -216,8 +243,12 @@ class SignerServicer:
         except RequestError as exc:
             await self._refuse(context, record, started, "refused", exc.code, str(exc))
         except BackendError as exc:
-            log.warning("backend error in %s: %s", purpose, exc)
-            await self._refuse(context, record, started, "failed", exc.grpc_code, str(exc))
+            # The caller gets what kind of failure it was and a reference; key references,
+            # ARNs, vault URLs and endpoints stay in the log and the audit record.
+            ref = secrets.token_hex(4)
+            log.warning("backend error in %s (ref %s): %s", purpose, ref, exc)
+            record.update(ref=ref, backend_error=str(exc))
+            await self._refuse(context, record, started, "failed", exc.grpc_code, caller_message(exc, ref))
         except Exception:
             log.exception("internal error in %s", purpose)
             await self._refuse(context, record, started, "failed", "INTERNAL", "internal error")
