@@ -296,8 +296,18 @@ def test_register_follows_the_apis_dpop_nonce_challenge(world, standin, config):
 
 def test_a_profile_without_a_next_key_is_refused_before_anything_is_sent(world, standin, config):
     proc = _cli(world, config, "keys", "register", "--profile", "norotation")
-    assert proc.returncode == 1
+    assert proc.returncode == 2
     assert "profile norotation has no next key" in proc.stderr
+    assert standin.received == [] and standin.refused == [] and _records(config) == []
+
+
+def test_without_a_selfservice_url_the_api_form_exits_2_before_anything_is_sent(world, standin, config):
+    """(Without any [selfservice] the configuration itself is refused: a next key needs its
+    records_dir.) With records_dir but no url, only ``--manual`` can work."""
+    lines = config.read_text().splitlines()
+    config.write_text("\n".join(line for line in lines if not line.startswith("url = ")) + "\n")
+    proc = _cli(world, config, "keys", "register", "--profile", "app")
+    assert proc.returncode == 2 and "keys register needs [selfservice] url" in proc.stderr, proc.stderr
     assert standin.received == [] and standin.refused == [] and _records(config) == []
 
 
@@ -411,7 +421,8 @@ def test_manual_registration_prints_the_jwk_and_records_the_given_expiry(world, 
     }
     for message, args in refusals.items():
         refused = _cli(world, config, "keys", "register", "--profile", "app", *args)
-        assert refused.returncode == 1 and message in refused.stderr, (args, refused.stderr)
+        usage = message != "already registered"  # usage errors exit 2, a refusal 1
+        assert refused.returncode == (2 if usage else 1) and message in refused.stderr, (args, refused.stderr)
     assert len(_records(config)) == 2
 
 

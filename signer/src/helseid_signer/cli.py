@@ -143,23 +143,23 @@ def cmd_jwks(args: argparse.Namespace) -> int:
 
 
 def cmd_keys_register(args: argparse.Namespace) -> int:
-    from .register import RegistrationRefused, register_manual, register_next_key
+    from .register import RegistrationRefused, RegistrationUsageError, register_manual, register_next_key
 
     settings = load_settings(args.config)
     try:
         if args.manual:
             if not args.expires:
-                raise RegistrationRefused("--manual needs --expires (the expiry the self-service portal shows)")
+                raise RegistrationUsageError("--manual needs --expires (the expiry the self-service portal shows)")
             result = register_manual(
                 settings, args.profile, args.expires, key_name=args.key, records_dir=args.records_dir
             )
         else:
             if args.expires or args.key:
-                raise RegistrationRefused("--expires and --key go with --manual (the API answers the expiry itself)")
+                raise RegistrationUsageError("--expires and --key go with --manual (the API answers the expiry itself)")
             result = register_next_key(settings, args.profile, records_dir=args.records_dir)
     except RegistrationRefused as exc:
         print(f"helseid-signer: keys register refused: {exc}", file=sys.stderr)
-        return 1
+        return 2 if isinstance(exc, RegistrationUsageError) else 1
     print(json.dumps(result, indent=2))
     return 0
 

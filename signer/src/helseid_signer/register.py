@@ -63,7 +63,13 @@ _PIN_VALUE = re.compile(r"(pin-value=)[^;&?]*", re.I)
 
 class RegistrationRefused(Exception):
     """``keys register`` refused before sending anything, or HelseID refused the key;
-    the message says which and why."""
+    the message says which and why (exit status 1)."""
+
+
+class RegistrationUsageError(RegistrationRefused):
+    """The command or the configuration cannot work as given: an unknown profile, no next
+    key, no ``[selfservice]``, a bad ``--expires``, a key that is not the profile's (exit
+    status 2, like other usage and configuration errors). Nothing was sent."""
 
 
 def client_secret_endpoint(url: str) -> str:
@@ -99,7 +105,7 @@ def opened_runtime(settings: Settings, profiles: Iterable[str] | None = None) ->
 
 def _profile_settings(settings: Settings, profile: str):
     if profile not in settings.profiles:
-        raise RegistrationRefused(f"no [profiles.{profile}] in the configuration")
+        raise RegistrationUsageError(f"no [profiles.{profile}] in the configuration")
     return settings.profiles[profile]
 
 
@@ -284,7 +290,7 @@ def _refuse_if_registered(runtime: Runtime, key: SigningKey, now: float) -> None
 def _next_key(runtime: Runtime, profile: str) -> tuple[SigningKey, SigningKey]:
     keys = runtime.profiles[profile].assertion_keys
     if keys.next is None:
-        raise RegistrationRefused(
+        raise RegistrationUsageError(
             f"profile {profile} has no next key: set [profiles.{profile}.rotation] next_key and next_active_from "
             "to the new key first (keys register uploads the NEXT key)"
         )
@@ -321,12 +327,12 @@ def register_next_key(
     p = _profile_settings(settings, profile)
     selfservice = settings.selfservice
     if selfservice is None or not selfservice.url:
-        raise RegistrationRefused("keys register needs [selfservice] url (and records_dir) in the configuration")
+        raise RegistrationUsageError("keys register needs [selfservice] url (and records_dir) in the configuration")
     endpoint = client_secret_endpoint(selfservice.url)
     with opened_runtime(settings, [profile]) as runtime:
         next_key, current = _next_key(runtime, profile)
         if next_key.kid == current.kid:
-            raise RegistrationRefused(
+            raise RegistrationUsageError(
                 f"next key {next_key.name} is the same key (kid {next_key.kid}) as the current one"
             )
         _refuse_if_registered(runtime, next_key, clock())
@@ -385,11 +391,13 @@ def parse_expires(text: str, now: float) -> str:
     try:
         moment = datetime.fromisoformat(text.replace("Z", "+00:00"))
     except ValueError:
-        raise RegistrationRefused(f"--expires {text!r} is not an ISO 8601 time such as 2027-11-29T00:00:00Z") from None
+        raise RegistrationUsageError(
+            f"--expires {text!r} is not an ISO 8601 time such as 2027-11-29T00:00:00Z"
+        ) from None
     if moment.tzinfo is None:
-        raise RegistrationRefused(f"--expires {text!r} needs a UTC offset or Z, e.g. 2027-11-29T00:00:00Z")
+        raise RegistrationUsageError(f"--expires {text!r} needs a UTC offset or Z, e.g. 2027-11-29T00:00:00Z")
     if moment.timestamp() <= now:
-        raise RegistrationRefused(f"--expires {text!r} is in the past: that registration has already expired")
+        raise RegistrationUsageError(f"--expires {text!r} is in the past: that registration has already expired")
     return utc_text(moment.timestamp())
 
 
@@ -409,7 +417,7 @@ def register_manual(
     Raises RegistrationRefused."""
     p = _profile_settings(settings, profile)
     if settings.selfservice is None:
-        raise RegistrationRefused("keys register needs [selfservice] records_dir in the configuration")
+        raise RegistrationUsageError("keys register needs [selfservice] records_dir in the configuration")
     now = clock()
     expires_at = parse_expires(expires, now)
     with opened_runtime(settings, [profile]) as runtime:
@@ -419,7 +427,7 @@ def register_manual(
         else:
             slots = {s.name: s for s in (keys.current, keys.next) if s is not None}
             if key_name not in slots:
-                raise RegistrationRefused(
+                raise RegistrationUsageError(
                     f"key {key_name} is neither the current nor the next assertion key of profile {profile}"
                 )
             key = slots[key_name].get()
