@@ -13,10 +13,11 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import grpc
 import pytest
 from jwcrypto import jwk, jws
 
-from helseid_signer_client import SignerClient
+from helseid_signer_client import SignerClient, SignerError
 from tests.support.signerkit import keys_create, write_config
 from tests.support.softhsm import create_token
 
@@ -118,3 +119,88 @@ def test_a_second_single_server_cannot_take_over_a_port_in_use(two_workers, tmp_
         env=token.env(), capture_output=True, text=True, timeout=60,
     )  # fmt: skip
     assert result.returncode == 2 and "server.listen: cannot listen on" in result.stderr, result.stderr[-1500:]
+
+
+def _on_every_worker(address: str, call, channels: int = 16) -> list:
+    """``call(client)`` over ``channels`` new connections. SO_REUSEPORT hashes connections
+    over the workers; with 2 workers, 16 connections all landing on one has odds 2 in 65,536."""
+    results = []
+    for _ in range(channels):
+        channel = grpc.insecure_channel(address, options=[("grpc.use_local_subchannel_pool", 1)])
+        with SignerClient(channel=channel, timeout=10) as client:
+            results.append(call(client))
+    return results
+
+
+def test_a_restarted_worker_starts_with_the_configuration_the_workers_applied(tmp_path):
+    """Reload B (adds profile q: applied), then reload C (adds profile r on a key that does
+    not exist: every worker refuses it), then a worker dies. The supervisor restarts it
+    with B - what the workers applied - not with the start-up file and not with C."""
+    token = create_token(tmp_path / "token", label="wreload")
+    public = jwk.JWK(**keys_create(token, "k", "EC-P256", "ES256"))
+    common = dict(issuer="https://helseid-sts.test.nhn.no", client_id="w", keys={"k": "ES256"})
+    server = ('listen = "127.0.0.1:0"', "insecure = true", "workers = 2")
+    config = write_config(tmp_path / "signer.toml", token, profiles={"p": ("k", "k")}, server_lines=server, **common)
+    ready = tmp_path / "ready"
+    log = tmp_path / "log"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "helseid_signer.cli", "serve", "--config", str(config), "--ready-file", str(ready)],
+        env=token.env(), stdout=subprocess.DEVNULL, stderr=open(log, "wb"),
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 60
+        while not ready.exists():
+            assert proc.poll() is None and time.monotonic() < deadline, log.read_text()[-2000:]
+            time.sleep(0.05)
+        address = ready.read_text()
+
+        def sign_q(client):
+            obj = jws.JWS()
+            obj.deserialize(client.sign_client_assertion("q").jwt, key=public)
+            return json.loads(obj.payload)["iss"]
+
+        def refusal_r(client):
+            with pytest.raises(SignerError) as caught:
+                client.sign_client_assertion("r")
+            return caught.value.code
+
+        # B: profile q added; both workers apply it.
+        b_profiles = {"p": ("k", "k"), "q": ("k", "k")}
+        b_text = write_config(
+            tmp_path / "b.toml", token, profiles=b_profiles, server_lines=server, **common
+        ).read_text()
+        config.write_text(b_text)
+        proc.send_signal(signal.SIGHUP)
+        deadline = time.monotonic() + 20
+        while log.read_text().count("configuration reloaded") < 2:
+            assert time.monotonic() < deadline, log.read_text()[-2000:]
+            time.sleep(0.1)
+        assert _on_every_worker(address, sign_q) == ["w"] * 16
+
+        # C: profile r on a key that is not in the token; both workers refuse it.
+        c_keys = {"k": "ES256", "missing": "ES256"}
+        c_profiles = {**b_profiles, "r": ("missing", "missing")}
+        c_common = {**common, "keys": c_keys}
+        c_text = write_config(
+            tmp_path / "c.toml", token, profiles=c_profiles, server_lines=server, **c_common
+        ).read_text()
+        config.write_text(c_text)
+        proc.send_signal(signal.SIGHUP)
+        deadline = time.monotonic() + 20
+        while log.read_text().count("reload refused") < 2:
+            assert time.monotonic() < deadline, log.read_text()[-2000:]
+            time.sleep(0.1)
+
+        victim = max(_children(proc.pid))
+        os.kill(victim, signal.SIGKILL)
+        deadline = time.monotonic() + 30
+        while "restarting it" not in log.read_text():
+            assert time.monotonic() < deadline, log.read_text()[-2000:]
+            time.sleep(0.1)
+        time.sleep(2.0)  # the new worker initialises Cryptoki and binds
+        # Every connection, the restarted worker's included: q signs (B), r does not exist (not C).
+        assert _on_every_worker(address, sign_q) == ["w"] * 16
+        assert set(_on_every_worker(address, refusal_r)) == {grpc.StatusCode.PERMISSION_DENIED}
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=30) == 0

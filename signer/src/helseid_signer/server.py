@@ -15,6 +15,7 @@ import logging
 import multiprocessing
 import os
 import pwd
+import queue
 import shutil
 import signal
 import socket
@@ -483,10 +484,12 @@ async def serve(
     stop: asyncio.Event | None = None,
     config_path: str | None = None,
     listen: str | None = None,
+    on_reload: Callable[[Settings], None] | None = None,
 ) -> None:
     """Serve until ``stop`` is set (or SIGTERM/SIGINT when ``stop`` is None); SIGHUP reloads
     ``config_path``. ``listen`` overrides ``server.listen`` (a worker binds the concrete port
-    its supervisor reserved)."""
+    its supervisor reserved); ``on_reload`` gets each configuration a reload applied (a
+    worker tells its supervisor, which restarts workers with it)."""
     server = Server(settings, config_path, listen)
     await server.start()
     if settings.metrics and not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
@@ -500,7 +503,12 @@ async def serve(
         stop = asyncio.Event()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
-        loop.add_signal_handler(signal.SIGHUP, lambda: loop.create_task(server.reload()))
+
+        async def reload() -> None:
+            if await server.reload() and on_reload is not None:
+                on_reload(server.settings)
+
+        loop.add_signal_handler(signal.SIGHUP, lambda: loop.create_task(reload()))
     health_task = loop.create_task(server.health_loop(settings.server.health_interval))
     await stop.wait()
     health_task.cancel()
@@ -521,15 +529,17 @@ def start_metrics_server(listen: str, registry: Any = None) -> None:
 CONFIG_ERROR_EXIT = 2
 
 
-def _worker(settings: Settings, ready_file: str, config_path: str | None, listen: str) -> None:
+def _worker(settings: Settings, ready_file: str, config_path: str | None, listen: str, accepted: Any = None) -> None:
     """One worker process: its own event loop, gRPC server and Cryptoki instance
-    (initialised here, after the spawn: bug-kinds.md 23). Exits with
+    (initialised here, after the spawn: bug-kinds.md 23). Each configuration a reload
+    applied is put on the ``accepted`` queue for the supervisor. Exits with
     :data:`CONFIG_ERROR_EXIT` on a configuration error."""
     from .cli import setup_logging
 
     setup_logging("info")
+    on_reload = accepted.put if accepted is not None else None
     try:
-        asyncio.run(serve(settings, ready_file=ready_file, config_path=config_path, listen=listen))
+        asyncio.run(serve(settings, ready_file=ready_file, config_path=config_path, listen=listen, on_reload=on_reload))
     except (ConfigError, KeyResolutionError, BackendConfigError) as exc:
         log.error("configuration error: %s", exc)
         sys.exit(CONFIG_ERROR_EXIT)
@@ -577,18 +587,14 @@ def run(settings: Settings, ready_file: str | None = None, config_path: str | No
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stopping.set())
 
-    current = settings  # what a restarted worker starts with: the last configuration that loaded
+    # What a restarted worker starts with: the last configuration a worker's reload APPLIED
+    # (it loaded, its keys resolved, the listeners are unchanged). The supervisor does not
+    # judge a file itself: it cannot resolve keys without a Cryptoki instance of its own.
+    current = settings
+    accepted = context.Queue()
     exit_status = 0
 
     def on_sighup(*_: object) -> None:
-        nonlocal current
-        if config_path:
-            try:
-                reloaded = load_settings(config_path)
-                if _listeners(reloaded) == _listeners(settings):
-                    current = reloaded
-            except ConfigError as exc:  # each worker logs its own refusal in detail
-                log.error("reload refused by the supervisor: %s", exc)
         for proc in procs:
             if proc.is_alive():
                 os.kill(proc.pid, signal.SIGHUP)  # every worker reloads the file itself
@@ -598,7 +604,7 @@ def run(settings: Settings, ready_file: str | None = None, config_path: str | No
 
         def spawn(i: int) -> multiprocessing.process.BaseProcess:
             proc = context.Process(
-                target=_worker, args=(current, ready_paths[i], config_path, listen), name=f"worker-{i}"
+                target=_worker, args=(current, ready_paths[i], config_path, listen, accepted), name=f"worker-{i}"
             )
             proc.start()
             return proc
@@ -608,6 +614,11 @@ def run(settings: Settings, ready_file: str | None = None, config_path: str | No
         announced = False
         last_restart = 0.0
         while not stopping.wait(0.05):
+            while True:
+                try:
+                    current = accepted.get_nowait()
+                except queue.Empty:
+                    break
             if not announced and all(Path(p).exists() for p in ready_paths):
                 log.info("%d workers serving on %s", workers, listen)
                 if ready_file:
