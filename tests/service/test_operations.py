@@ -101,11 +101,16 @@ def test_a_different_key_in_the_recreated_token_is_never_used(ops):
             kid = client.sign_client_assertion("p").kid
             impostor = ec.generate_private_key(ec.SECP256R1())
             _recreate(ops["folder"], impostor)
-            time.sleep(1.2)  # past the recovery interval
+            time.sleep(1.2)  # past the recovery interval; the health probe has found the other key
             for _ in range(5):
+                started = time.monotonic()
                 with pytest.raises(SignerError) as caught:
                     client.sign_client_assertion("p")
-                assert caught.value.code == grpc.StatusCode.UNAVAILABLE
+                # An operator must act: FAILED_PRECONDITION (not retried by clients), answered
+                # at once - no Cryptoki re-initialisation per request.
+                assert caught.value.code == grpc.StatusCode.FAILED_PRECONDITION, caught.value.details
+                assert "signing key in the key store was replaced" in caught.value.details
+                assert time.monotonic() - started < 0.25
                 time.sleep(0.3)
             wait_health(address, NOT_SERVING, "backend:pkcs11")
             # The original key comes back: signing resumes, under the same kid.

@@ -40,6 +40,7 @@ from .backends.base import (
     BackendUnavailableError,
     KeyAccessDeniedError,
     KeyNotFoundError,
+    KeyReplacedError,
 )
 from .claims import (
     RequestError,
@@ -146,6 +147,7 @@ def _observe_sign(key: SigningKey, started: float) -> None:
 #: What a caller is told for each kind of backend failure (:func:`caller_message`).
 _BACKEND_SUMMARIES: tuple[tuple[type[BackendError], str], ...] = (
     (KeyNotFoundError, "the signing key is not available in its key store"),
+    (KeyReplacedError, "the signing key in the key store was replaced; the signer will not sign with it"),
     (BackendThrottledError, "the key store is throttling requests; retry later"),
     (KeyAccessDeniedError, "the key store refused to sign (the key is disabled, or the signer lacks rights to it)"),
     (BackendConfigError, "the key store configuration is wrong"),

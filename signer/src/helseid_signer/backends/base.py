@@ -51,6 +51,14 @@ class BackendThrottledError(BackendError):
     grpc_code = "RESOURCE_EXHAUSTED"
 
 
+class KeyReplacedError(BackendError):
+    """The key's object in the backend now holds another public key than the one pinned
+    at start-up; the service will not sign with it until the original key is back or the
+    configuration changes (an operator must act)."""
+
+    grpc_code = "FAILED_PRECONDITION"
+
+
 class KeyAccessDeniedError(BackendError):
     """The service lacks rights to the key, or the key is disabled."""
 

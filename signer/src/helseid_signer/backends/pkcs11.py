@@ -65,6 +65,7 @@ from .base import (
     BackendError,
     BackendUnavailableError,
     KeyNotFoundError,
+    KeyReplacedError,
     ResolvedKey,
 )
 
@@ -276,6 +277,7 @@ class _KeyHandle:
     private: Any
     error: str | None = None
     custody: dict[str, bool | None] = field(default_factory=dict)
+    replaced: bool = False  # the object now holds another public key (only the probe re-checks)
 
 
 class Pkcs11Backend:
@@ -456,12 +458,22 @@ class Pkcs11Backend:
         raise BackendConfigError(f"key type {key_type!r} is neither RSA nor EC")
 
     def sign(self, key: ResolvedKey, alg: Algorithm, signing_input: bytes, deadline: float | None = None) -> bytes:
-        """Sign with the mechanism table above; BackendUnavailableError on any Cryptoki error.
+        """Sign with the mechanism table above; BackendUnavailableError on any Cryptoki error,
+        KeyReplacedError when the key's object now holds another public key.
 
-        ``deadline`` is accepted for the interface and not needed: a local token answers in
-        milliseconds and a Cryptoki call cannot be cancelled."""
+        ``deadline`` bounds the wait for a recovery attempt; a Cryptoki call itself cannot be
+        cancelled."""
+        return self._sign(key, alg, signing_input, deadline, probing=False)
+
+    def _sign(
+        self, key: ResolvedKey, alg: Algorithm, signing_input: bytes, deadline: float | None, probing: bool
+    ) -> bytes:
         data, mechanism, param = _mechanism_input(alg, signing_input)
         handle: _KeyHandle = key.handle
+        if handle.replaced and not probing:
+            # A replaced key stays replaced until an operator acts: answer at once instead of
+            # re-initialising Cryptoki for every request. The health probe keeps looking.
+            raise KeyReplacedError(handle.error or f"the key at {handle.uri!r} has changed")
         with self._lock:
             try:
                 if handle.private is None:
@@ -473,6 +485,8 @@ class Pkcs11Backend:
                 # again by its URI, and sign once more - only with the SAME public key.
                 self._healthy = False
                 if not self._recover(deadline):
+                    if handle.replaced:
+                        raise KeyReplacedError(handle.error or f"the key at {handle.uri!r} has changed") from None
                     raise BackendUnavailableError(f"PKCS#11 sign failed and recovery failed: {handle.error}") from None
                 try:
                     if handle.private is None:
@@ -543,10 +557,11 @@ class Pkcs11Backend:
                 public = self._public_key(self._find_one(session, handle.parsed, ObjectClass.PUBLIC_KEY, handle.uri))
                 if public.public_bytes(*_SPKI) != handle.public_key.public_bytes(*_SPKI):
                     handle.private, handle.error = None, f"the key at {handle.uri!r} has changed; not signing with it"
+                    handle.replaced = True
                     log.error("PKCS#11 key %s has a different public key after recovery", handle.uri)
                     recovered = False
                     continue
-                handle.private, handle.error = private, None
+                handle.private, handle.error, handle.replaced = private, None, False
             except (PKCS11Error, BackendError) as exc:
                 handle.private, handle.error = None, f"{type(exc).__name__}: {exc}"
                 recovered = False
@@ -558,7 +573,7 @@ class Pkcs11Backend:
             alg = probe_algorithm(handle.public_key)
             resolved = ResolvedKey(handle.uri, "", handle.public_key, handle)
             try:
-                self.sign(resolved, alg, b"helseid-signer health probe")
+                self._sign(resolved, alg, b"helseid-signer health probe", None, probing=True)
             except BackendError:
                 return False
         return True
