@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -85,6 +87,14 @@ def test_where_the_signature_runs(token, on_event_loop: bool) -> None:
         assert len({a.jti for a in assertions}) == CALLS
     finally:
         signer.stop()
+    # The trade-off is never silent: the start-up log and `check` name it when it is on.
+    assert ("sign_on_event_loop: on" in signer.log.read_text()) is on_event_loop
+    checked = subprocess.run(
+        [sys.executable, "-m", "helseid_signer.cli", "check", "--config", str(config)],
+        env={**os.environ, "SOFTHSM2_CONF": str(token.conf)}, capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert checked.returncode == 0, checked.stdout  # warnings only, no errors
+    assert ("backends.pkcs11.sign_on_event_loop: on" in checked.stdout) is on_event_loop, checked.stdout
     main, other = main_after - main_before, other_after - other_before
     # Each RSA-4096 signature costs several ms of CPU on SoftHSM: CALLS of them are >= 0.2 s.
     if on_event_loop:

@@ -43,7 +43,14 @@ from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
 
 from .backends.base import CustodyReporter
 from .claims import assertion_details, build_assertion_claims, build_proof_claims, canonical_htu, new_jti
-from .config import ConfigError, ProfileSettings, Settings, is_loopback_host, load_settings
+from .config import (
+    SIGN_ON_EVENT_LOOP_WARNING,
+    ConfigError,
+    ProfileSettings,
+    Settings,
+    is_loopback_host,
+    load_settings,
+)
 from .keys import ASSERTION_TYP, DPOP_TYP, SigningKey, build_backends, make_signing_key
 
 #: Above this an assertion lifetime draws a warning (HelseID allows 60 s; NHN uses 5-10 s).
@@ -425,6 +432,8 @@ def check_settings(settings: Settings, keys: dict[str, SigningKey], report: Repo
             report.info(f"callers.{name}: no rate_limit")
     if settings.audit.on_failure == "continue":
         report.warning("audit.on_failure: continue signs without an audit record when the audit sink fails")
+    if settings.backends.pkcs11 is not None and settings.backends.pkcs11.sign_on_event_loop:
+        report.warning(SIGN_ON_EVENT_LOOP_WARNING)
     # A key is the same key under two names if its thumbprint is (otherwise compare names).
     identity = {name: keys[name].kid if name in keys else f"name:{name}" for name in settings.keys}
     issuers_of: dict[str, set[str]] = {}

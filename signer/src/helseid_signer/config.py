@@ -182,6 +182,14 @@ class AuditSettings(_Strict):
         return self
 
 
+#: Logged at start-up and reported by ``check`` when ``sign_on_event_loop`` is on.
+SIGN_ON_EVENT_LOOP_WARNING = (
+    "backends.pkcs11.sign_on_event_loop: on; while a Cryptoki call runs this worker answers nothing else "
+    "(health checks included) - a network HSM, a hung token or a SoftHSM token store locked by another "
+    "process stalls it (docs/security.md, 'Where signatures run')"
+)
+
+
 class Pkcs11Settings(_Strict):
     """``[backends.pkcs11]``: the PKCS#11 module and where its user PIN comes from."""
 

@@ -40,7 +40,15 @@ from helseid_signer_client._proto import signer_pb2
 from . import metrics
 from .audit import AuditLog
 from .backends.base import BackendConfigError, BackendError, DriftReporter, KeyBackend
-from .config import ConfigError, ServerSettings, Settings, UnixSocketSettings, load_settings, parse_listen
+from .config import (
+    SIGN_ON_EVENT_LOOP_WARNING,
+    ConfigError,
+    ServerSettings,
+    Settings,
+    UnixSocketSettings,
+    load_settings,
+    parse_listen,
+)
 from .drain import CallTracker, drain_and_stop
 from .keys import KeyResolutionError, KeySlot, build_backends, resolve_key_slots
 from .policy import Caller, HtuPolicy, RateLimiter
@@ -282,6 +290,8 @@ class Server:
     async def start(self) -> None:
         """Bind every listener, start serving, and set the health status."""
         server_settings = self.settings.server
+        if self.settings.backends.pkcs11 is not None and self.settings.backends.pkcs11.sign_on_event_loop:
+            log.warning(SIGN_ON_EVENT_LOOP_WARNING)
         if self.listen:
             host, port = parse_listen(self.listen)
             target = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"

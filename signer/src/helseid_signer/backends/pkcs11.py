@@ -289,8 +289,8 @@ class Pkcs11Backend:
         pin_file: path of a file holding the user PIN (trailing newline stripped), or None.
         sign_on_event_loop: let the service call :meth:`sign_now` on its event loop instead
             of handing each signature to the module's signing thread (``[backends.pkcs11]
-            sign_on_event_loop``; only for modules that compute in the process, see
-            docs/configuration.md).
+            sign_on_event_loop``; only for modules that compute in the process on a store no
+            other process locks, see docs/configuration.md).
 
     Raises BackendConfigError when neither PIN source is usable.
     """
@@ -507,7 +507,8 @@ class Pkcs11Backend:
         recovery), the backend is recovering, or the key is unavailable. A Cryptoki error
         also gives None (the signing thread's :meth:`sign` then recovers and retries), so
         this never runs recovery - which can take seconds - on the caller's thread. What it
-        cannot bound is a module whose C_Sign itself blocks (a network HSM): hence opt-in.
+        cannot bound is a Cryptoki call that itself blocks - a network HSM, a hung token,
+        SoftHSM waiting for a file lock another process holds on its token store: hence opt-in.
         """
         handle: _KeyHandle = key.handle
         if not self._healthy or handle.private is None or not self._lock.acquire(blocking=False):
