@@ -40,6 +40,8 @@ def world(tmp_path_factory):
         # Only an e-mail SAN whose text equals a listed name: e-mail SANs never identify callers.
         "email-only": ca.issue("email-only", emails=("ops@vendor.test",)),
         "foreign": other_ca.issue("foreign", dns=("app-a.vendor.test",)),  # right name, unknown CA
+        # Names of two different callers in one certificate: neither identity is trusted.
+        "two-callers": ca.issue("two-callers", dns=("app-a.vendor.test",), uris=("spiffe://vendor.test/app-b",)),
     }
     socket_path = folder / "sidecar.sock"
     audit_path = folder / "audit.jsonl"
@@ -116,12 +118,16 @@ def test_certificate_without_san_is_identified_by_its_cn(world):
         assert legacy.get_client_profile("b").client_id == "multi-app"
 
 
-@pytest.mark.parametrize("who", ["unlisted", "email-only"])
+@pytest.mark.parametrize("who", ["unlisted", "email-only", "two-callers"])
 def test_trusted_but_unlisted_certificate_is_unauthenticated(world, who):
-    with _client(world, who) as stranger, pytest.raises(SignerError) as caught:
-        stranger.sign_client_assertion("a")
-    assert caught.value.code == grpc.StatusCode.UNAUTHENTICATED
-    assert caught.value.details.startswith("caller:")
+    for profile in ("a", "b"):
+        with _client(world, who) as stranger, pytest.raises(SignerError) as caught:
+            stranger.sign_client_assertion(profile)
+        assert caught.value.code == grpc.StatusCode.UNAUTHENTICATED
+        assert caught.value.details.startswith("caller:")
+    if who == "two-callers":
+        log = Path(str(world["config"]) + ".log").read_text()
+        assert "a client certificate names 2 callers (app-a, app-b)" in log
 
 
 @pytest.mark.parametrize("who", ["foreign", "none"])

@@ -147,8 +147,10 @@ def certificate_names(pem: bytes) -> tuple[str, ...]:
 def tls_identifier(holder: RuntimeHolder) -> Identify:
     """Identify a caller by its verified client certificate (gRPC has checked the chain
     against ``client_ca``): one of :func:`certificate_names` equal to one of its
-    ``tls_names``. Names are cached per certificate."""
+    ``tls_names``. A certificate whose names match two different callers is no caller
+    (UNAUTHENTICATED). Names are cached per certificate."""
     cache: dict[bytes, tuple[str, ...]] = {}
+    ambiguous: set[bytes] = set()  # certificates already logged as naming several callers
 
     def identify(context: grpc.aio.ServicerContext) -> Caller | None:
         pem = (context.auth_context().get("x509_pem_cert") or [b""])[0]
@@ -160,11 +162,21 @@ def tls_identifier(holder: RuntimeHolder) -> Identify:
                 cache.clear()
             names = cache[pem] = certificate_names(pem)
         by_name = holder.runtime.tls_callers
-        for name in names:
-            caller = by_name.get(name)
-            if caller is not None:
-                return caller
-        return None
+        matched = {id(c): c for c in (by_name.get(name) for name in names) if c is not None}
+        if len(matched) > 1:
+            # One certificate, two identities: which one it is would depend on the order of
+            # its names. Neither is trusted; the issuing CA needs fixing.
+            if pem not in ambiguous:
+                if len(ambiguous) > 1024:
+                    ambiguous.clear()
+                ambiguous.add(pem)
+                log.warning(
+                    "a client certificate names %d callers (%s); refusing it as unauthenticated",
+                    len(matched),
+                    ", ".join(sorted(c.name for c in matched.values())),
+                )
+            return None
+        return next(iter(matched.values()), None)
 
     return identify
 
