@@ -7,6 +7,8 @@ from __future__ import annotations
 import json
 import os
 import stat
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -233,3 +235,16 @@ def test_audit_names_the_caller_of_an_unparseable_request(world):
     assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     last = [r for r in _audit(world) if r["purpose"] == "dpop_proof" and r["status"] == "INVALID_ARGUMENT"][-1]
     assert last["caller"] == "app-b" and last["error"].startswith("request:")
+
+
+def test_the_services_audit_file_is_an_intact_hash_chain(world):
+    """Everything the tests above made the signer write: one chain, intact."""
+    with _client(world, "app-a") as a:
+        a.sign_client_assertion("a")
+    proc = subprocess.run(
+        [sys.executable, "-m", "helseid_signer.cli", "audit", "verify", str(world["audit"])],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert proc.returncode == 0 and "1 chain(s)" in proc.stdout and "intact" in proc.stdout, proc.stdout
+    records = _audit(world)
+    assert [r["seq"] for r in records] == list(range(1, len(records) + 1))

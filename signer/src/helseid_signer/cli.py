@@ -1,4 +1,5 @@
-"""``helseid-signer`` command line: ``serve``, ``check``, ``keys create|jwk|list|register``, ``jwks``.
+"""``helseid-signer`` command line: ``serve``, ``check``, ``keys create|jwk|list|register``, ``jwks``,
+``audit verify``.
 
 Exit codes: 0 success, 2 usage or configuration error (message on stderr naming the
 key), 1 any other failure. Never prints a private key or a PIN.
@@ -164,6 +165,31 @@ def cmd_keys_register(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_audit_verify(args: argparse.Namespace) -> int:
+    from .audit import verify_lines
+
+    status = 0
+    for path in args.files:
+        try:
+            with open(path, encoding="utf-8", errors="replace") as f:
+                result = verify_lines(f)
+        except OSError as exc:
+            print(f"helseid-signer: error: cannot read {path}: {exc.strerror or exc}", file=sys.stderr)
+            return 2
+        print(f"{path}: {len(result.chains)} chain(s), {result.other_lines} other line(s)")
+        for report in result.chains.values():
+            verdict = "intact" if not report.problems else f"{len(report.problems)} problem(s)"
+            span = f"{report.first_time} .. {report.last_time}"
+            print(f"  chain {report.chain}: {report.records} record(s), {span}: {verdict}")
+            for problem in report.problems:
+                print(f"    {problem}")
+        for problem in result.problems:
+            print(f"  {problem}")
+        if not result.ok:
+            status = 1
+    return status
+
+
 def _seconds(text: str) -> float:
     """argparse type: a number of seconds from 0.1 to 60."""
     try:
@@ -249,6 +275,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--config", required=True)
     p.add_argument("--profile", required=True)
     p.set_defaults(func=cmd_jwks)
+
+    audit = sub.add_parser("audit", help="audit trail tools").add_subparsers(dest="audit_command", required=True)
+    p = audit.add_parser(
+        "verify",
+        help="check the hash chains of audit record files (edited, removed, inserted or reordered records)",
+        description="Exit 0: every chain intact; 1: a problem (each printed with its line number); "
+        "2: a file cannot be read. The last record of a chain, or a whole chain, can be removed unnoticed: "
+        "ship records off the host as they are written.",
+    )
+    p.add_argument("files", nargs="+", help="audit files (JSON lines; log lines among them are skipped)")
+    p.set_defaults(func=cmd_audit_verify)
 
     args = parser.parse_args(argv)
     setup_logging(args.log_level)

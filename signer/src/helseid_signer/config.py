@@ -174,11 +174,15 @@ class AuditSettings(_Strict):
     sink: Literal["stdout", "file"] = "stdout"
     path: ConfigPath | None = None
     on_failure: Literal["fail_closed", "continue"] = "fail_closed"
+    #: fsync the file after each record (with ``sink = "file"``): records survive a host crash.
+    fsync: Bool = False
 
     @model_validator(mode="after")
     def _path(self) -> AuditSettings:
         if (self.sink == "file") != (self.path is not None):
             raise ValueError("sink = 'file' needs path, and path needs sink = 'file'")
+        if self.fsync and self.sink != "file":
+            raise ValueError("fsync = true needs sink = 'file'")
         return self
 
 

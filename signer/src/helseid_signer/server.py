@@ -285,7 +285,9 @@ class Server:
 
     @staticmethod
     def _audit_log(settings: Settings) -> AuditLog:
-        return AuditLog(settings.audit.path, fail_closed=settings.audit.on_failure == "fail_closed")
+        return AuditLog(
+            settings.audit.path, fail_closed=settings.audit.on_failure == "fail_closed", fsync=settings.audit.fsync
+        )
 
     def _new_grpc_server(self, identify: Identify) -> grpc.aio.Server:
         server = _new_server(self.settings, reuse_port=self.is_worker)
