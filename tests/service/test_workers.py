@@ -164,32 +164,28 @@ def test_a_restarted_worker_starts_with_the_configuration_the_workers_applied(tm
                 client.sign_client_assertion("r")
             return caught.value.code
 
+        def reload_to(name: str, profiles: dict, keys: dict, both_workers_log: str) -> None:
+            """Write the configuration over the served file, SIGHUP, and wait until both
+            workers have logged ``both_workers_log`` once more."""
+            before = log.read_text().count(both_workers_log)
+            text = write_config(
+                tmp_path / name, token, profiles=profiles, server_lines=server, **{**common, "keys": keys}
+            ).read_text()
+            config.write_text(text)
+            proc.send_signal(signal.SIGHUP)
+            deadline = time.monotonic() + 20
+            while log.read_text().count(both_workers_log) < before + 2:
+                assert time.monotonic() < deadline, log.read_text()[-2000:]
+                time.sleep(0.1)
+
         # B: profile q added; both workers apply it.
         b_profiles = {"p": ("k", "k"), "q": ("k", "k")}
-        b_text = write_config(
-            tmp_path / "b.toml", token, profiles=b_profiles, server_lines=server, **common
-        ).read_text()
-        config.write_text(b_text)
-        proc.send_signal(signal.SIGHUP)
-        deadline = time.monotonic() + 20
-        while log.read_text().count("configuration reloaded") < 2:
-            assert time.monotonic() < deadline, log.read_text()[-2000:]
-            time.sleep(0.1)
+        reload_to("b.toml", b_profiles, {"k": "ES256"}, "configuration reloaded")
         assert _on_every_worker(address, sign_q) == ["w"] * 16
 
         # C: profile r on a key that is not in the token; both workers refuse it.
-        c_keys = {"k": "ES256", "missing": "ES256"}
         c_profiles = {**b_profiles, "r": ("missing", "missing")}
-        c_common = {**common, "keys": c_keys}
-        c_text = write_config(
-            tmp_path / "c.toml", token, profiles=c_profiles, server_lines=server, **c_common
-        ).read_text()
-        config.write_text(c_text)
-        proc.send_signal(signal.SIGHUP)
-        deadline = time.monotonic() + 20
-        while log.read_text().count("reload refused") < 2:
-            assert time.monotonic() < deadline, log.read_text()[-2000:]
-            time.sleep(0.1)
+        reload_to("c.toml", c_profiles, {"k": "ES256", "missing": "ES256"}, "reload refused")
 
         victim = max(_children(proc.pid))
         os.kill(victim, signal.SIGKILL)
