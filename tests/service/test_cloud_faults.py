@@ -6,8 +6,11 @@ health follows, and every signature verifies under the key its kid names."""
 from __future__ import annotations
 
 import json
+import os
 import re
+import signal
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import boto3
@@ -16,6 +19,7 @@ import pytest
 from cryptography.hazmat.primitives.serialization import load_der_public_key
 from jwcrypto import jwk, jws
 
+from helseid_signer.audit import verify_lines
 from helseid_signer_client import SignerClient, SignerError
 from tests.support.azure_kv_standin import running_standin
 from tests.support.health import NOT_SERVING, SERVING, health, wait_health
@@ -152,3 +156,65 @@ def _azure_key(vault, tmp_path) -> tuple[str, jwk.JWK]:
     resolved = backend.create_key(f"azurekv:{vault.url}/keys/faults", "EC-P256")
     backend.close()
     return f"azurekv:{vault.url}/keys/faults", jwk.JWK.from_pyca(resolved.public_key)
+
+
+def _signer_pid(config: Path) -> int:
+    """The pid of the ``helseid-signer serve --config <config>`` process (from /proc)."""
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                args = (entry / "cmdline").read_bytes().split(b"\0")
+            except OSError:
+                continue
+            if b"serve" in args and str(config).encode() in args:
+                return int(entry.name)
+    raise AssertionError(f"no signer process for {config}")
+
+
+def _reload_and_wait(config: Path, text: str) -> None:
+    """SIGHUP the signer and wait until its log shows ``text`` once more."""
+    log = Path(str(config) + ".log")
+    before = log.read_text().count(text)
+    os.kill(_signer_pid(config), signal.SIGHUP)
+    deadline = time.monotonic() + 15
+    while log.read_text().count(text) <= before:
+        assert time.monotonic() < deadline, log.read_text()[-2000:]
+        time.sleep(0.05)
+
+
+def test_a_reload_that_moves_the_audit_file_keeps_in_flight_records_and_refuses_a_bad_path(tmp_path):
+    """A request that started before a reload writes its audit record to the file it
+    started with, even when the reload moved the audit trail; a reload whose new audit path
+    cannot be opened is refused as a whole (the second file keeps every later record)."""
+    with running_standin(tmp_path / "kv") as vault:
+        uri, public = _azure_key(vault, tmp_path)
+        config = tmp_path / "signer.toml"
+        backend = ["[backends.azurekv]", f'ca_bundle = "{vault.ca_path}"', "verify_challenge_resource = false"]
+        first, second = tmp_path / "audit-1.jsonl", tmp_path / "audit-2.jsonl"
+
+        def write(audit_path: Path) -> None:
+            _config(config, [*backend, "", "[audit]", 'sink = "file"', f'path = "{audit_path}"'], uri, "ES256")
+
+        write(first)
+        with (
+            running_signer(config, env=vault.identity_env()) as address,
+            SignerClient(channel=grpc.insecure_channel(address), timeout=10) as client,
+            ThreadPoolExecutor(1) as pool,
+        ):
+            assert _verify(client.sign_client_assertion("p").jwt, public)
+            vault.delay(1.5, 1)  # the next signature takes 1.5 s at the vault
+            slow = pool.submit(client.sign_client_assertion, "p")
+            time.sleep(0.5)
+            write(second)
+            _reload_and_wait(config, "configuration reloaded")
+            in_flight = slow.result(timeout=10)
+            assert _verify(in_flight.jwt, public)
+            after = client.sign_client_assertion("p")
+            write(tmp_path / "no-such-folder" / "audit.jsonl")
+            _reload_and_wait(config, "reload refused")
+            last = client.sign_client_assertion("p")
+    first_jtis = {json.loads(line).get("jti") for line in first.read_text().splitlines()}
+    second_jtis = {json.loads(line).get("jti") for line in second.read_text().splitlines()}
+    assert in_flight.jti in first_jtis and in_flight.jti not in second_jtis
+    assert {after.jti, last.jti} <= second_jtis
+    assert verify_lines(first.read_text().splitlines()).ok and verify_lines(second.read_text().splitlines()).ok

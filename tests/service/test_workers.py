@@ -132,6 +132,58 @@ def _on_every_worker(address: str, call, channels: int = 16) -> list:
     return results
 
 
+def _start_workers(tmp_path: Path, token, config: Path) -> tuple[subprocess.Popen, str, Path]:
+    """Start ``serve`` (workers from the config); return the process, its address, its log."""
+    ready, log = tmp_path / "ready", tmp_path / "log"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "helseid_signer.cli", "serve", "--config", str(config), "--ready-file", str(ready)],
+        env=token.env(), stdout=subprocess.DEVNULL, stderr=open(log, "wb"),
+    )  # fmt: skip
+    deadline = time.monotonic() + 60
+    while not ready.exists():
+        assert proc.poll() is None and time.monotonic() < deadline, log.read_text()[-2000:]
+        time.sleep(0.05)
+    return proc, ready.read_text(), log
+
+
+def test_a_sighup_while_a_worker_starts_is_applied_not_fatal(tmp_path):
+    """A reload that arrives while a restarted worker is still starting (before its event
+    loop handles SIGHUP) is kept and applied once it serves; SIGHUP's default action would
+    have killed it."""
+    token = create_token(tmp_path / "token", label="whup")
+    public = jwk.JWK(**keys_create(token, "k", "EC-P256", "ES256"))
+    common = dict(issuer="https://helseid-sts.test.nhn.no", client_id="w", keys={"k": "ES256"})
+    server = ('listen = "127.0.0.1:0"', "insecure = true", "workers = 2")
+    config = write_config(tmp_path / "signer.toml", token, profiles={"p": ("k", "k")}, server_lines=server, **common)
+    proc, address, log = _start_workers(tmp_path, token, config)
+    try:
+        os.kill(max(_children(proc.pid)), signal.SIGKILL)
+        deadline = time.monotonic() + 30
+        while "restarting it" not in log.read_text():
+            assert time.monotonic() < deadline, log.read_text()[-2000:]
+            time.sleep(0.01)
+        # The new worker is importing its modules now: the reload reaches it before it serves.
+        profiles = {"p": ("k", "k"), "q": ("k", "k")}
+        config.write_text(write_config(tmp_path / "b.toml", token, profiles=profiles, server_lines=server,
+                                       **common).read_text())  # fmt: skip
+        proc.send_signal(signal.SIGHUP)
+        deadline = time.monotonic() + 30
+        while log.read_text().count("configuration reloaded") < 2:
+            assert time.monotonic() < deadline, log.read_text()[-2000:]
+            time.sleep(0.1)
+
+        def sign_q(client):
+            obj = jws.JWS()
+            obj.deserialize(client.sign_client_assertion("q").jwt, key=public)
+            return json.loads(obj.payload)["iss"]
+
+        assert _on_every_worker(address, sign_q) == ["w"] * 16
+        assert "exited with -1" not in log.read_text()
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=30) == 0
+
+
 def test_a_restarted_worker_starts_with_the_configuration_the_workers_applied(tmp_path):
     """Reload B (adds profile q: applied), then reload C (adds profile r on a key that does
     not exist: every worker refuses it), then a worker dies. The supervisor restarts it
@@ -141,18 +193,8 @@ def test_a_restarted_worker_starts_with_the_configuration_the_workers_applied(tm
     common = dict(issuer="https://helseid-sts.test.nhn.no", client_id="w", keys={"k": "ES256"})
     server = ('listen = "127.0.0.1:0"', "insecure = true", "workers = 2")
     config = write_config(tmp_path / "signer.toml", token, profiles={"p": ("k", "k")}, server_lines=server, **common)
-    ready = tmp_path / "ready"
-    log = tmp_path / "log"
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "helseid_signer.cli", "serve", "--config", str(config), "--ready-file", str(ready)],
-        env=token.env(), stdout=subprocess.DEVNULL, stderr=open(log, "wb"),
-    )  # fmt: skip
+    proc, address, log = _start_workers(tmp_path, token, config)
     try:
-        deadline = time.monotonic() + 60
-        while not ready.exists():
-            assert proc.poll() is None and time.monotonic() < deadline, log.read_text()[-2000:]
-            time.sleep(0.05)
-        address = ready.read_text()
 
         def sign_q(client):
             obj = jws.JWS()

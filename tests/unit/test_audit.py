@@ -72,16 +72,17 @@ def _tampered(tmp_path: Path, change) -> subprocess.CompletedProcess[str]:
 @pytest.mark.parametrize(
     ("name", "change", "words"),
     [
-        ("edit a field", lambda ls: [ls[0], ls[1].replace('"j1"', '"jX"'), *ls[2:]], "line 3: prev does not match"),
-        ("remove a record", lambda ls: [ls[0], *ls[2:]], "line 2: seq 3 where after seq 1 needs 2"),
-        ("swap two records", lambda ls: [ls[0], ls[2], ls[1], *ls[3:]], "line 2: seq 3"),
-        ("remove the head", lambda ls: ls[1:], "line 1: seq 2 where the chain starts needs 1"),
+        ("edit a field", lambda ls: [ls[0], ls[1].replace('"j1"', '"jX"'), *ls[2:]], ".jsonl 3: prev does not match"),
+        ("remove a record", lambda ls: [ls[0], *ls[2:]], ".jsonl 2: seq 3 where after seq 1 needs 2"),
+        ("swap two records", lambda ls: [ls[0], ls[2], ls[1], *ls[3:]], ".jsonl 2: seq 3"),
+        ("remove the head", lambda ls: ls[1:], ".jsonl 1: seq 2 where the chain starts needs 1"),
         (
             "insert a forged record",
             lambda ls: [ls[0], ls[1], ls[1].replace('"seq":2', '"seq":3'), *ls[2:]],
-            "line 3: prev does not match",
+            ".jsonl 3: prev does not match",
         ),
-        ("break the JSON", lambda ls: [ls[0], ls[1][:-5], *ls[2:]], "line 2: an audit record that is not valid JSON"),
+        ("break the JSON", lambda ls: [ls[0], ls[1][:-5], *ls[2:]], ".jsonl 2: an audit record that is not valid JSON"),
+        ("seq as a boolean", lambda ls: [ls[0].replace('"seq":1', '"seq":true'), *ls[1:]], ".jsonl 1: chain, seq"),
     ],
 )
 def test_tampering_is_found_and_named_by_line(tmp_path, name, change, words):
@@ -120,3 +121,93 @@ def test_fsync_needs_a_file_sink_and_writes_records(tmp_path):
     assert load_settings(tmp_path / "b.toml").audit.fsync is True
     _write(tmp_path / "x.jsonl", 3, fsync=True).close()
     assert verify_lines((tmp_path / "x.jsonl").read_text().splitlines()).ok
+
+
+def test_a_chain_continues_across_rotated_files_given_in_order(tmp_path):
+    path = tmp_path / "audit.jsonl"
+    _write(path, 5).close()
+    lines = path.read_text().splitlines(keepends=True)
+    (tmp_path / "audit.jsonl.1").write_text("".join(lines[:2]))
+    path.write_text("".join(lines[2:]))
+    in_order = _verify_cli_files(tmp_path / "audit.jsonl.1", path)
+    assert in_order.returncode == 0 and "1 chain(s), 5 record(s)" in in_order.stdout, in_order.stdout
+    reversed_order = _verify_cli_files(path, tmp_path / "audit.jsonl.1")
+    assert reversed_order.returncode == 1 and "seq 3 where the chain starts needs 1" in reversed_order.stdout
+
+
+def _verify_cli_files(*paths: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "helseid_signer.cli", "audit", "verify", *map(str, paths)],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+
+
+def test_garbage_is_reported_never_a_traceback(tmp_path):
+    path = tmp_path / "audit.jsonl"
+    _write(path, 2).close()
+    good = path.read_text()
+    hostile = tmp_path / "hostile.jsonl"
+    hostile.write_bytes(
+        good.encode()
+        + b"[" * 5000 + b"\n"  # nesting deeper than the JSON parser's recursion limit
+        + b'{"chain":' + b"[" * 5000 + b"\n"
+        + b'{"chain":"0123456789abcdef\\u001b[2J","seq":1,"prev":null}\n'  # control characters in the id
+        + bytes(range(256)) + b"\n"
+    )  # fmt: skip
+    proc = _verify_cli(hostile)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert "hostile.jsonl 4: an audit record that is not valid JSON" in proc.stdout
+    assert "hostile.jsonl 5: chain, seq or prev missing or malformed" in proc.stdout
+    assert "\x1b" not in proc.stdout
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text('{"level":"INFO","message":"no records here"}\n')
+    none_found = _verify_cli(empty)
+    assert none_found.returncode == 1 and "no audit records found" in none_found.stdout
+
+
+def test_any_text_a_key_store_returns_is_written_and_verifies(tmp_path):
+    path = tmp_path / "audit.jsonl"
+    log = AuditLog(str(path))
+    log.write({"outcome": "failed", "backend_error": "unpaired \ud800 surrogate, æøå, \n newline, \x00"})
+    log.write({"outcome": "signed"})
+    log.close()
+    raw = path.read_bytes()
+    assert raw.isascii() and raw.count(b"\n") == 2
+    assert json.loads(raw.splitlines()[0])["backend_error"].startswith("unpaired \ud800")
+    assert verify_lines(path.read_text().splitlines()).ok
+
+
+FAILING_WRITE = """
+import json, resource, signal, sys
+from helseid_signer.audit import AuditError, AuditLog
+path = sys.argv[1]
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # EFBIG instead of being killed
+log = AuditLog(path)
+log.write({"outcome": "signed", "jti": "before"})
+size = len(open(path, "rb").read())
+resource.setrlimit(resource.RLIMIT_FSIZE, (size + 10, resource.RLIM_INFINITY))
+try:
+    log.write({"outcome": "signed", "jti": "FAILED-ONE", "pad": "x" * 200})
+    print("no error")
+except AuditError:
+    print("AuditError")
+resource.setrlimit(resource.RLIMIT_FSIZE, (resource.RLIM_INFINITY, resource.RLIM_INFINITY))
+log.write({"outcome": "signed", "jti": "after"})
+log.close()
+"""
+
+
+def test_a_failed_write_is_never_written_later_and_the_next_record_starts_a_new_chain(tmp_path):
+    """The file system refuses one record (a file size limit, as a full disk would): the
+    caller was told UNAVAILABLE, so that record must not appear later; the records around
+    it verify, in two chains."""
+    path = tmp_path / "audit.jsonl"
+    proc = subprocess.run([sys.executable, "-c", FAILING_WRITE, str(path)], capture_output=True, text=True, timeout=60)
+    assert proc.stdout.strip() == "AuditError", proc.stdout + proc.stderr
+    text = path.read_text()
+    assert '"jti":"FAILED-ONE"' not in text
+    lines = text.splitlines()
+    assert len(lines) == 3  # the record before, a fragment of the failed one, the record after
+    assert [json.loads(lines[0])["jti"], json.loads(lines[2])["jti"]] == ["before", "after"]
+    result = verify_lines(lines)
+    assert result.ok and len(result.chains) == 2 and result.other_lines == 1

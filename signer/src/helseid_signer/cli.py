@@ -166,28 +166,29 @@ def cmd_keys_register(args: argparse.Namespace) -> int:
 
 
 def cmd_audit_verify(args: argparse.Namespace) -> int:
-    from .audit import verify_lines
+    from .audit import Verification, verify_lines
 
-    status = 0
-    for path in args.files:
+    result = Verification()
+    for path in args.files:  # in order: a chain may continue from one (rotated) file to the next
         try:
             with open(path, encoding="utf-8", errors="replace") as f:
-                result = verify_lines(f)
+                verify_lines(f, result, source=path)
         except OSError as exc:
             print(f"helseid-signer: error: cannot read {path}: {exc.strerror or exc}", file=sys.stderr)
             return 2
-        print(f"{path}: {len(result.chains)} chain(s), {result.other_lines} other line(s)")
-        for report in result.chains.values():
-            verdict = "intact" if not report.problems else f"{len(report.problems)} problem(s)"
-            span = f"{report.first_time} .. {report.last_time}"
-            print(f"  chain {report.chain}: {report.records} record(s), {span}: {verdict}")
-            for problem in report.problems:
-                print(f"    {problem}")
-        for problem in result.problems:
-            print(f"  {problem}")
-        if not result.ok:
-            status = 1
-    return status
+    print(f"{len(args.files)} file(s): {len(result.chains)} chain(s), {result.records} record(s), "
+          f"{result.other_lines} other line(s)")  # fmt: skip
+    for report in result.chains.values():
+        verdict = "intact" if not report.problems else f"{len(report.problems)} problem(s)"
+        span = f"{report.first_time} .. {report.last_time}"
+        print(f"  chain {report.chain}: {report.records} record(s), {span}: {verdict}")
+        for problem in report.problems:
+            print(f"    {problem}")
+    for problem in result.problems:
+        print(f"  {problem}")
+    if not result.records:
+        print("  no audit records found")
+    return 0 if result.ok else 1
 
 
 def _seconds(text: str) -> float:
@@ -280,9 +281,10 @@ def main(argv: list[str] | None = None) -> int:
     p = audit.add_parser(
         "verify",
         help="check the hash chains of audit record files (edited, removed, inserted or reordered records)",
-        description="Exit 0: every chain intact; 1: a problem (each printed with its line number); "
-        "2: a file cannot be read. The last record of a chain, or a whole chain, can be removed unnoticed: "
-        "ship records off the host as they are written.",
+        description="Files are read in the order given, so a chain may continue across rotated files "
+        "(audit.jsonl.1 audit.jsonl). Exit 0: every chain intact; 1: a problem (each printed with its file and "
+        "line) or no record at all; 2: a file cannot be read. The last records of a chain, or a whole chain, "
+        "can be removed unnoticed: ship records off the host as they are written.",
     )
     p.add_argument("files", nargs="+", help="audit files (JSON lines; log lines among them are skipped)")
     p.set_defaults(func=cmd_audit_verify)

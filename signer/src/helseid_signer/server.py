@@ -151,6 +151,7 @@ def tls_identifier(holder: RuntimeHolder) -> Identify:
     (UNAUTHENTICATED). Names are cached per certificate."""
     cache: dict[bytes, tuple[str, ...]] = {}
     ambiguous: set[bytes] = set()  # certificates already logged as naming several callers
+    seen_runtime: list[object] = [None]  # the configuration generation those were logged in
 
     def identify(context: grpc.aio.ServicerContext) -> Caller | None:
         pem = (context.auth_context().get("x509_pem_cert") or [b""])[0]
@@ -161,6 +162,9 @@ def tls_identifier(holder: RuntimeHolder) -> Identify:
             if len(cache) > 1024:
                 cache.clear()
             names = cache[pem] = certificate_names(pem)
+        if seen_runtime[0] is not holder.runtime:  # a reload: log ambiguous certificates afresh
+            seen_runtime[0] = holder.runtime
+            ambiguous.clear()
         by_name = holder.runtime.tls_callers
         matched = {id(c): c for c in (by_name.get(name) for name in names) if c is not None}
         if len(matched) > 1:
@@ -282,6 +286,9 @@ class Server:
         self._statuses: dict[str, bool] = {}
         self._warned: set[object] = set()
         self._next_drift_check = 0.0
+        self._reload_lock = asyncio.Lock()
+        #: (snapshot, audit log, backends) that a reload replaced, closed once no request uses them
+        self._retired: list[tuple[Snapshot, AuditLog | None, list[KeyBackend]]] = []
 
     @staticmethod
     def _audit_log(settings: Settings) -> AuditLog:
@@ -396,7 +403,10 @@ class Server:
         for scheme, backend in runtime.backends.items():
             pending = [s for s in runtime.slots.values() if s.backend is backend and s.key is None]
             probe = getattr(backend, "probe", None) or self._probe_fallback(runtime, backend)
-            ok = not pending and await loop.run_in_executor(self.executor, probe)
+            # Always probe, also while another key of this backend is pending: the probe is
+            # what finds a replaced key restored (PKCS#11) and clears its state.
+            probed = await loop.run_in_executor(self.executor, probe)
+            ok = probed and not pending
             statuses[f"backend:{scheme}"] = bool(ok)
             metrics.BACKEND_UP.labels(scheme).set(1 if ok else 0)
         overall = all(statuses.values())
@@ -448,6 +458,7 @@ class Server:
         while True:
             await asyncio.sleep(interval)
             try:
+                self._close_retired()
                 await self.check_health()
             except Exception:
                 log.exception("health check failed")
@@ -455,11 +466,19 @@ class Server:
     async def reload(self) -> bool:
         """Re-read the configuration file and the TLS files (SIGHUP). A configuration that
         does not load, does not resolve, or changes the listeners is refused and the old
-        one stays. Open connections are never dropped. Returns True when applied."""
+        one stays. Open connections are never dropped. Reloads run one at a time (a second
+        SIGHUP waits, then reads the file as it is then). Returns True when applied."""
         if not self.config_path:
             log.error("reload: no configuration file to re-read")
             return False
+        async with self._reload_lock:
+            return await self._reload()
+
+    async def _reload(self) -> bool:
+        assert self.config_path
         loop = asyncio.get_running_loop()
+        runtime: Runtime | None = None
+        new_audit: AuditLog | None = None
         try:
             settings = load_settings(self.config_path)
             if _listeners(settings) != _listeners(self.settings):
@@ -467,26 +486,47 @@ class Server:
             runtime = await loop.run_in_executor(self.executor, build_runtime, settings)
             pending = [slot.name for slot in runtime.slots.values() if slot.key is None]
             if pending:
+                raise ConfigError(f"keys {pending} cannot be resolved now; the running configuration can still sign")
+            if settings.audit != self.settings.audit:
+                new_audit = self._audit_log(settings)  # OSError when the new path cannot be opened
+            if self.tls is not None:
+                self.tls.reload(settings.server)  # last: nothing after it can fail
+        except Exception as exc:
+            if new_audit is not None:
+                new_audit.close()
+            if runtime is not None:
                 for backend in runtime.backends.values():
                     backend.close()
-                raise ConfigError(f"keys {pending} cannot be resolved now; the running configuration can still sign")
-            if self.tls is not None:
-                self.tls.reload(settings.server)
-        except Exception as exc:
             log.error("reload refused, the running configuration stays: %s", exc)
             return False
-        old_runtime, old_audit = self.holder.runtime, self.holder.current.audit
-        audit = old_audit if settings.audit == self.settings.audit else self._audit_log(settings)
+        old_runtime, old_snapshot = self.holder.runtime, self.holder.current
+        audit = new_audit or old_snapshot.audit
         self.holder.swap(runtime, audit)
         self.settings = settings
-        if audit is not old_audit:
-            old_audit.close()
-        for scheme, backend in old_runtime.backends.items():
-            if runtime.backends.get(scheme) is not backend:
-                backend.close()
+        # What the new configuration no longer uses is closed once the requests that
+        # started with the old one are done (they still write their audit records there).
+        replaced = [b for s, b in old_runtime.backends.items() if runtime.backends.get(s) is not b]
+        self._retired.append((old_snapshot, old_snapshot.audit if new_audit else None, replaced))
+        self._close_retired()
+        if settings.backends.pkcs11 is not None and settings.backends.pkcs11.sign_on_event_loop:
+            log.warning(SIGN_ON_EVENT_LOOP_WARNING)
         await self.check_health()
         log.info("configuration reloaded: %d profile(s), %d caller(s)", len(runtime.profiles), len(runtime.callers))
         return True
+
+    def _close_retired(self, force: bool = False) -> None:
+        """Close the audit logs and backends of earlier configurations whose requests have all
+        finished (all of them with ``force``, at stop)."""
+        keep = []
+        for snapshot, audit, backends in self._retired:
+            if snapshot.calls[0] and not force:
+                keep.append((snapshot, audit, backends))
+                continue
+            if audit is not None:
+                audit.close()
+            for backend in backends:
+                backend.close()
+        self._retired = keep
 
     async def stop(self, grace: float = STOP_GRACE) -> None:
         """Health NOT_SERVING first, answer every call that has arrived (drain.py), then stop:
@@ -494,6 +534,7 @@ class Server:
         log.info("stopping: health NOT_SERVING, draining in-flight requests")
         await drain_and_stop(self.servers, self.health, self.calls, grace=grace)  # see drain.py
         self.executor.shutdown(wait=True)
+        self._close_retired(force=True)
         self.holder.current.audit.close()
         for backend in self.holder.runtime.backends.values():
             backend.close()
@@ -509,11 +550,13 @@ async def serve(
     config_path: str | None = None,
     listen: str | None = None,
     on_reload: Callable[[Settings], None] | None = None,
+    reload_pending: threading.Event | None = None,
 ) -> None:
     """Serve until ``stop`` is set (or SIGTERM/SIGINT when ``stop`` is None); SIGHUP reloads
     ``config_path``. ``listen`` overrides ``server.listen`` (a worker binds the concrete port
     its supervisor reserved); ``on_reload`` gets each configuration a reload applied (a
-    worker tells its supervisor, which restarts workers with it)."""
+    worker tells its supervisor, which restarts workers with it); ``reload_pending`` set
+    means a SIGHUP came while the worker was starting: reload once serving."""
     server = Server(settings, config_path, listen)
     await server.start()
     if settings.metrics and not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
@@ -533,6 +576,8 @@ async def serve(
                 on_reload(server.settings)
 
         loop.add_signal_handler(signal.SIGHUP, lambda: loop.create_task(reload()))
+        if reload_pending is not None and reload_pending.is_set():
+            loop.create_task(reload())
     health_task = loop.create_task(server.health_loop(settings.server.health_interval))
     await stop.wait()
     health_task.cancel()
@@ -558,12 +603,27 @@ def _worker(settings: Settings, ready_file: str, config_path: str | None, listen
     (initialised here, after the spawn: bug-kinds.md 23). Each configuration a reload
     applied is put on the ``accepted`` queue for the supervisor. Exits with
     :data:`CONFIG_ERROR_EXIT` on a configuration error."""
+    # The supervisor starts workers with SIGHUP blocked (inherited through spawn): one that
+    # arrives before the event loop handles it is kept here and applied once serving,
+    # instead of killing the worker (SIGHUP's default action).
+    hup = threading.Event()
+    signal.signal(signal.SIGHUP, lambda *_: hup.set())
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGHUP})
     from .cli import setup_logging
 
     setup_logging("info")
     on_reload = accepted.put if accepted is not None else None
     try:
-        asyncio.run(serve(settings, ready_file=ready_file, config_path=config_path, listen=listen, on_reload=on_reload))
+        asyncio.run(
+            serve(
+                settings,
+                ready_file=ready_file,
+                config_path=config_path,
+                listen=listen,
+                on_reload=on_reload,
+                reload_pending=hup,
+            )
+        )
     except (ConfigError, KeyResolutionError, BackendConfigError) as exc:
         log.error("configuration error: %s", exc)
         sys.exit(CONFIG_ERROR_EXIT)
@@ -617,10 +677,13 @@ def run(settings: Settings, ready_file: str | None = None, config_path: str | No
     current = settings
     accepted = context.Queue()
     exit_status = 0
+    reloads = 0  # SIGHUPs received: a worker restarted after one reloads the file itself too
 
     def on_sighup(*_: object) -> None:
+        nonlocal reloads
+        reloads += 1
         for proc in procs:
-            if proc.is_alive():
+            if proc.is_alive() and proc.pid:
                 os.kill(proc.pid, signal.SIGHUP)  # every worker reloads the file itself
 
     with tempfile.TemporaryDirectory(prefix="helseid-signer-") as tmp:
@@ -630,11 +693,21 @@ def run(settings: Settings, ready_file: str | None = None, config_path: str | No
             proc = context.Process(
                 target=_worker, args=(current, ready_paths[i], config_path, listen, accepted), name=f"worker-{i}"
             )
-            proc.start()
+            # Started with SIGHUP blocked: the worker unblocks it once it can handle it.
+            signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGHUP})
+            try:
+                proc.start()
+            finally:
+                signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGHUP})
+            if reloads and config_path and proc.pid:
+                # It starts with the configuration a worker last applied; a reload may still
+                # be under way in the others: let it read the file itself as well.
+                os.kill(proc.pid, signal.SIGHUP)
             return proc
 
-        procs = [spawn(i) for i in range(workers)]
+        procs: list[multiprocessing.process.BaseProcess] = []
         signal.signal(signal.SIGHUP, on_sighup)
+        procs.extend(spawn(i) for i in range(workers))
         announced = False
         last_restart = 0.0
         while not stopping.wait(0.05):

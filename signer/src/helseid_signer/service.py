@@ -24,7 +24,7 @@ import secrets
 import time
 from collections.abc import Awaitable, Callable
 from concurrent.futures import Executor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import grpc
@@ -169,10 +169,13 @@ Work = Callable[[Profile, Any, dict[str, Any], float | None], Awaitable[Any]]
 
 @dataclass(frozen=True)
 class Snapshot:
-    """What a request reads: one consistent configuration generation."""
+    """What a request reads: one consistent configuration generation. ``calls`` counts the
+    requests still running with it (a one-element list, changed only on the event loop), so
+    a reload closes the audit file and backends it replaced only once they are done."""
 
     profiles: dict[str, Profile]
     audit: AuditLog
+    calls: list[int] = field(default_factory=lambda: [0])
 
 
 class ServiceState:
@@ -219,6 +222,8 @@ class SignerServicer:
     async def _call(self, context: grpc.aio.ServicerContext, purpose: str, request: Any, work: Work) -> Any:
         started = time.perf_counter()
         record: dict[str, Any] = {"caller": None, "profile": None, "purpose": purpose}
+        state = self._state.current  # one configuration generation for the whole request
+        state.calls[0] += 1
         try:
             caller = self._identify(context)
             record["caller"] = caller.name if caller else None
@@ -230,47 +235,56 @@ class SignerServicer:
             if caller is not None:
                 record["profile"] = check_profile_name(request.profile)
             check_caller_may_use(caller, request.profile)
+            profile = state.profiles.get(request.profile)
+            if profile is None:  # a reload in between removed it: as for any profile not allowed
+                raise RequestError("profile", "is not a profile this caller may use", code="PERMISSION_DENIED")
             remaining = context.time_remaining()
             # Backends must give up a little BEFORE the caller does, so that the caller gets
             # this service's answer (UNAVAILABLE, RESOURCE_EXHAUSTED) instead of DEADLINE_EXCEEDED.
             deadline = None if remaining is None else time.monotonic() + remaining - min(0.5, 0.1 * remaining)
-            state = self._state.current
-            response = await work(state.profiles[request.profile], request, record, deadline)
+            response = await work(profile, request, record, deadline)
             record.update(outcome="signed" if "jti" in record else "answered", status="OK")
-            self._write_audit(state.audit, record, started)
+            self._write_audit(state, record, started)
             return response
         except AuditError as exc:
             log.error("refusing to answer without an audit record: %s", exc)
             await context.abort(grpc.StatusCode.UNAVAILABLE, "audit trail unavailable; nothing was signed")
         except RequestError as exc:
-            await self._refuse(context, record, started, "refused", exc.code, str(exc))
+            await self._refuse(context, state, record, started, "refused", exc.code, str(exc))
         except BackendError as exc:
             # The caller gets what kind of failure it was and a reference; key references,
             # ARNs, vault URLs and endpoints stay in the log and the audit record.
             ref = secrets.token_hex(4)
             log.warning("backend error in %s (ref %s): %s", purpose, ref, exc)
             record.update(ref=ref, backend_error=str(exc))
-            await self._refuse(context, record, started, "failed", exc.grpc_code, caller_message(exc, ref))
+            await self._refuse(context, state, record, started, "failed", exc.grpc_code, caller_message(exc, ref))
         except Exception:
-            log.exception("internal error in %s", purpose)
-            await self._refuse(context, record, started, "failed", "INTERNAL", "internal error")
+            ref = secrets.token_hex(4)
+            log.exception("internal error in %s (ref %s)", purpose, ref)
+            record["ref"] = ref
+            message = f"internal error (ref {ref}; details in the signer's log)"
+            await self._refuse(context, state, record, started, "failed", "INTERNAL", message)
+        finally:
+            state.calls[0] -= 1
         raise AssertionError("unreachable")  # context.abort always raises
 
-    def _write_audit(self, audit: AuditLog, record: dict[str, Any], started: float) -> None:
+    def _write_audit(self, state: Snapshot, record: dict[str, Any], started: float) -> None:
         elapsed = time.perf_counter() - started
         record["latency_ms"] = round(elapsed * 1000, 3)
         # Only configured profile names become label values: callers cannot inflate the label set.
-        profile = record["profile"] if record["profile"] in self._state.current.profiles else "-"
+        profile = record["profile"] if record["profile"] in state.profiles else "-"
         metrics.REQUESTS.labels(
             profile, record["purpose"], record.get("alg", ""), record.get("backend", ""), record["status"]
         ).inc()
         metrics.REQUEST_SECONDS.labels(record["purpose"]).observe(elapsed)
-        audit.write(record)
+        state.audit.write(record)
 
-    async def _refuse(self, context: Any, record: dict, started: float, outcome: str, code: str, message: str) -> None:
+    async def _refuse(
+        self, context: Any, state: Snapshot, record: dict, started: float, outcome: str, code: str, message: str
+    ) -> None:
         record.update(outcome=outcome, status=code, error=message)
         try:
-            self._write_audit(self._state.current.audit, record, started)
+            self._write_audit(state, record, started)
         except AuditError as exc:  # the request is refused anyway; say so in the log
             log.error("audit record of a refusal not written: %s", exc)
         await context.abort(grpc.StatusCode[code], message)

@@ -415,7 +415,7 @@ class AzureKvBackend:
         problems = []
         if handle.exportable:
             problems.append("private key is exportable (exportable = true: a release policy can release it)")
-        if not handle.kty.endswith("-HSM"):
+        if handle.kty in ("RSA", "EC"):
             problems.append(
                 f"software-protected key (kty {handle.kty}, not {handle.kty}-HSM): the private key is not in an HSM"
             )
