@@ -213,3 +213,43 @@ def test_token_created_after_start_up_is_found_without_restart(tmp_path):
         import_private_key(token, key, "k", "01")
         wait_health(address, SERVING, "backend:pkcs11", timeout=15)
         assert _verifies(client.sign_client_assertion("p").jwt, key)
+
+
+def test_a_replaced_key_recovers_while_another_key_of_the_backend_is_pending(tmp_path):
+    """The health probe also runs while some other key of the backend is still pending
+    (not in the token yet): it is what finds the original key restored."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    token = create_token(tmp_path / "token", label="ops")
+    import_private_key(token, key, "k", "01")
+    config = write_config(
+        tmp_path / "signer.toml", token, issuer=ISSUER, client_id="ops",
+        keys={"k": "ES256", "later": "ES256"}, profiles={"p": ("k", "k"), "r": ("later", "later")},
+        server_lines=('listen = "127.0.0.1:0"', "insecure = true", "health_interval = 0.2"),
+    )  # fmt: skip
+    with running_signer(config, env={"SOFTHSM2_CONF": str(token.conf)}) as address:
+        with plain_client(address) as client:
+            kid = client.sign_client_assertion("p").kid
+            _recreate(tmp_path / "token", ec.generate_private_key(ec.SECP256R1()))
+            deadline = time.monotonic() + 10
+            while True:  # until the probe has seen the other key in the object
+                try:
+                    signed = client.sign_client_assertion("p")
+                    assert _verifies(signed.jwt, key)  # never a signature of the other key
+                except SignerError as exc:
+                    if exc.code == grpc.StatusCode.FAILED_PRECONDITION:
+                        break
+                assert time.monotonic() < deadline
+                time.sleep(0.1)
+            _recreate(tmp_path / "token", key)
+            deadline = time.monotonic() + 10
+            while True:
+                try:
+                    again = client.sign_client_assertion("p")
+                    break
+                except SignerError as exc:
+                    assert exc.code == grpc.StatusCode.FAILED_PRECONDITION and time.monotonic() < deadline
+                    time.sleep(0.1)
+            assert again.kid == kid and _verifies(again.jwt, key)
+            with pytest.raises(SignerError) as pending:
+                client.sign_client_assertion("r")
+            assert pending.value.code == grpc.StatusCode.UNAVAILABLE
