@@ -6,9 +6,7 @@ health follows, and every signature verifies under the key its kid names."""
 from __future__ import annotations
 
 import json
-import os
 import re
-import signal
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -24,7 +22,7 @@ from helseid_signer_client import SignerClient, SignerError
 from tests.support.azure_kv_standin import running_standin
 from tests.support.health import NOT_SERVING, SERVING, health, wait_health
 from tests.support.kms_endpoint import TEST_AWS_ENV, TEST_REGION, aws_test_environment, running_kms_endpoint
-from tests.support.signer_proc import running_signer
+from tests.support.signer_proc import running_signer, sighup_and_wait
 from tests.support.tcp_proxy import TcpProxy
 
 ISSUER = "https://helseid-sts.test.nhn.no"
@@ -158,30 +156,6 @@ def _azure_key(vault, tmp_path) -> tuple[str, jwk.JWK]:
     return f"azurekv:{vault.url}/keys/faults", jwk.JWK.from_pyca(resolved.public_key)
 
 
-def _signer_pid(config: Path) -> int:
-    """The pid of the ``helseid-signer serve --config <config>`` process (from /proc)."""
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                args = (entry / "cmdline").read_bytes().split(b"\0")
-            except OSError:
-                continue
-            if b"serve" in args and str(config).encode() in args:
-                return int(entry.name)
-    raise AssertionError(f"no signer process for {config}")
-
-
-def _reload_and_wait(config: Path, text: str) -> None:
-    """SIGHUP the signer and wait until its log shows ``text`` once more."""
-    log = Path(str(config) + ".log")
-    before = log.read_text().count(text)
-    os.kill(_signer_pid(config), signal.SIGHUP)
-    deadline = time.monotonic() + 15
-    while log.read_text().count(text) <= before:
-        assert time.monotonic() < deadline, log.read_text()[-2000:]
-        time.sleep(0.05)
-
-
 def test_a_reload_that_moves_the_audit_file_keeps_in_flight_records_and_refuses_a_bad_path(tmp_path):
     """A request that started before a reload writes its audit record to the file it
     started with, even when the reload moved the audit trail; a reload whose new audit path
@@ -192,8 +166,9 @@ def test_a_reload_that_moves_the_audit_file_keeps_in_flight_records_and_refuses_
         backend = ["[backends.azurekv]", f'ca_bundle = "{vault.ca_path}"', "verify_challenge_resource = false"]
         first, second = tmp_path / "audit-1.jsonl", tmp_path / "audit-2.jsonl"
 
-        def write(audit_path: Path) -> None:
-            _config(config, [*backend, "", "[audit]", 'sink = "file"', f'path = "{audit_path}"'], uri, "ES256")
+        def write(audit_path: Path, extra: tuple[str, ...] = ()) -> None:
+            audit = ["[audit]", 'sink = "file"', f'path = "{audit_path}"']
+            _config(config, [*backend, "", *audit, *extra], uri, "ES256")
 
         write(first)
         with (
@@ -202,16 +177,21 @@ def test_a_reload_that_moves_the_audit_file_keeps_in_flight_records_and_refuses_
             ThreadPoolExecutor(1) as pool,
         ):
             assert _verify(client.sign_client_assertion("p").jwt, public)
-            vault.delay(1.5, 1)  # the next signature takes 1.5 s at the vault
+            vault.delay(2.0, 1)  # the next signature takes 2 s at the vault
             slow = pool.submit(client.sign_client_assertion, "p")
             time.sleep(0.5)
+            # A reload that leaves [audit] alone (the new generation shares the audit file) ...
+            write(first, extra=("", "[profiles.q]", 'client_id = "c"', f'issuer = "{ISSUER}"',
+                                'assertion_key = "k"', 'dpop_key = "k"'))  # fmt: skip
+            sighup_and_wait(config, "configuration reloaded")
+            # ... then one that moves it: the slow request still writes to the first file.
             write(second)
-            _reload_and_wait(config, "configuration reloaded")
+            sighup_and_wait(config, "configuration reloaded")
             in_flight = slow.result(timeout=10)
             assert _verify(in_flight.jwt, public)
             after = client.sign_client_assertion("p")
             write(tmp_path / "no-such-folder" / "audit.jsonl")
-            _reload_and_wait(config, "reload refused")
+            sighup_and_wait(config, "reload refused")
             last = client.sign_client_assertion("p")
     first_jtis = {json.loads(line).get("jti") for line in first.read_text().splitlines()}
     second_jtis = {json.loads(line).get("jti") for line in second.read_text().splitlines()}

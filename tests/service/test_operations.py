@@ -18,7 +18,7 @@ from jwcrypto import jwk, jws
 
 from helseid_signer_client import SignerError
 from tests.support.health import NOT_SERVING, SERVING, health, wait_health
-from tests.support.signer_proc import plain_client, running_signer
+from tests.support.signer_proc import plain_client, running_signer, sighup_and_wait
 from tests.support.signerkit import write_config
 from tests.support.softhsm import create_token, import_private_key
 
@@ -253,3 +253,34 @@ def test_a_replaced_key_recovers_while_another_key_of_the_backend_is_pending(tmp
             with pytest.raises(SignerError) as pending:
                 client.sign_client_assertion("r")
             assert pending.value.code == grpc.StatusCode.UNAVAILABLE
+
+
+def test_audit_file_rotation_with_move_and_sighup(tmp_path):
+    """What logrotate does with ``create`` and a postrotate ``kill -HUP``: the file is moved
+    away, SIGHUP, and the service writes to a new file at the configured path (a new chain);
+    records before the move stay in the moved file. Both verify."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    token = create_token(tmp_path / "token", label="ops")
+    import_private_key(token, key, "k", "01")
+    audit = tmp_path / "audit.jsonl"
+    config = write_config(
+        tmp_path / "signer.toml", token, issuer=ISSUER, client_id="ops",
+        keys={"k": "ES256"}, profiles={"p": ("k", "k")},
+        extra_lines=("[audit]", 'sink = "file"', f'path = "{audit}"'),
+    )  # fmt: skip
+    with running_signer(config, env={"SOFTHSM2_CONF": str(token.conf)}) as address:
+        with plain_client(address) as client:
+            before = client.sign_client_assertion("p")
+            audit.rename(tmp_path / "audit.jsonl.1")
+            sighup_and_wait(config, "configuration reloaded")
+            after = client.sign_client_assertion("p")
+    rotated = [json.loads(line) for line in (tmp_path / "audit.jsonl.1").read_text().splitlines()]
+    fresh = [json.loads(line) for line in audit.read_text().splitlines()]
+    assert [r["jti"] for r in rotated if "jti" in r] == [before.jti]
+    assert [r["jti"] for r in fresh if "jti" in r] == [after.jti]
+    assert rotated[0]["chain"] != fresh[0]["chain"] and fresh[0]["seq"] == 1
+    proc = subprocess.run(
+        [sys.executable, "-m", "helseid_signer.cli", "audit", "verify", str(tmp_path / "audit.jsonl.1"), str(audit)],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert proc.returncode == 0 and "2 chain(s)" in proc.stdout, proc.stdout

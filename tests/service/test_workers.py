@@ -242,3 +242,24 @@ def test_a_restarted_worker_starts_with_the_configuration_the_workers_applied(tm
     finally:
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=30) == 0
+
+
+def test_sighups_during_shutdown_neither_reload_nor_kill(tmp_path):
+    """SIGTERM, then a burst of SIGHUPs while the workers drain and exit: the supervisor
+    still exits 0, and no worker is killed by SIGHUP's default action."""
+    token = create_token(tmp_path / "token", label="wstop")
+    keys_create(token, "k", "EC-P256", "ES256")
+    server = ('listen = "127.0.0.1:0"', "insecure = true", "workers = 2")
+    config = write_config(
+        tmp_path / "signer.toml", token, issuer="https://helseid-sts.test.nhn.no", client_id="w",
+        keys={"k": "ES256"}, profiles={"p": ("k", "k")}, server_lines=server,
+    )  # fmt: skip
+    proc, _, log = _start_workers(tmp_path, token, config)
+    proc.send_signal(signal.SIGTERM)
+    for _ in range(20):
+        if proc.poll() is not None:
+            break
+        proc.send_signal(signal.SIGHUP)
+        time.sleep(0.01)
+    assert proc.wait(timeout=30) == 0, log.read_text()[-2000:]
+    assert "exited with -1" not in log.read_text()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import signal
 import subprocess
 import sys
 import tempfile
@@ -68,3 +69,29 @@ def plain_client(address: str, timeout: float = 5.0):
     from helseid_signer_client import SignerClient
 
     return SignerClient(channel=grpc.insecure_channel(address), timeout=timeout)
+
+
+def signer_pid(config: Path) -> int:
+    """The pid of the ``helseid-signer serve --config <config>`` process (from /proc)."""
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                args = (entry / "cmdline").read_bytes().split(b"\0")
+            except OSError:
+                continue
+            if b"serve" in args and str(config).encode() in args:
+                return int(entry.name)
+    raise AssertionError(f"no signer process for {config}")
+
+
+def sighup_and_wait(config: Path, text: str, timeout: float = 15.0) -> None:
+    """SIGHUP the signer started with ``config`` and wait until its log (``<config>.log``)
+    shows ``text`` once more."""
+    log = Path(str(config) + ".log")
+    before = log.read_text().count(text)
+    os.kill(signer_pid(config), signal.SIGHUP)
+    deadline = time.monotonic() + timeout
+    while log.read_text().count(text) <= before:
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{text!r} not logged after SIGHUP: {log.read_text()[-2000:]}")
+        time.sleep(0.05)

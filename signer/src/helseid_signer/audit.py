@@ -82,6 +82,7 @@ class AuditLog:
             sys.stdout.flush()
             self._fd = sys.stdout.fileno()
         self._own = path is not None
+        self.path = path
         self._fsync = fsync and path is not None
         self._lock = threading.Lock()
         self._partial = False
@@ -119,6 +120,17 @@ class AuditLog:
             self._partial = False
             self._seq += 1
             self._prev = line_hash(line)
+
+    def moved(self) -> bool:
+        """True when ``path`` no longer names the open file (log rotation moved or deleted it):
+        the service then opens the path anew at the next reload (SIGHUP). False for stdout."""
+        if not self._own or self._fd < 0 or self.path is None:
+            return False
+        try:
+            at_path, open_file = os.stat(self.path), os.fstat(self._fd)
+        except FileNotFoundError:
+            return True
+        return (at_path.st_dev, at_path.st_ino) != (open_file.st_dev, open_file.st_ino)
 
     def close(self) -> None:
         """Close the file (not stdout)."""

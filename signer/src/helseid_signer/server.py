@@ -287,6 +287,7 @@ class Server:
         self._warned: set[object] = set()
         self._next_drift_check = 0.0
         self._reload_lock = asyncio.Lock()
+        self._stopping = False
         #: (snapshot, audit log, backends) that a reload replaced, closed once no request uses them
         self._retired: list[tuple[Snapshot, AuditLog | None, list[KeyBackend]]] = []
 
@@ -458,8 +459,9 @@ class Server:
         while True:
             await asyncio.sleep(interval)
             try:
-                self._close_retired()
-                await self.check_health()
+                async with self._reload_lock:  # never a check of a configuration a reload replaced
+                    self._close_retired()
+                    await self.check_health()
             except Exception:
                 log.exception("health check failed")
 
@@ -472,6 +474,9 @@ class Server:
             log.error("reload: no configuration file to re-read")
             return False
         async with self._reload_lock:
+            if self._stopping:
+                log.info("reload ignored: the service is stopping")
+                return False
             return await self._reload()
 
     async def _reload(self) -> bool:
@@ -487,7 +492,8 @@ class Server:
             pending = [slot.name for slot in runtime.slots.values() if slot.key is None]
             if pending:
                 raise ConfigError(f"keys {pending} cannot be resolved now; the running configuration can still sign")
-            if settings.audit != self.settings.audit:
+            if settings.audit != self.settings.audit or self.holder.current.audit.moved():
+                # New settings, or the file was moved away (log rotation): open the path anew.
                 new_audit = self._audit_log(settings)  # OSError when the new path cannot be opened
             if self.tls is not None:
                 self.tls.reload(settings.server)  # last: nothing after it can fail
@@ -518,8 +524,12 @@ class Server:
         """Close the audit logs and backends of earlier configurations whose requests have all
         finished (all of them with ``force``, at stop)."""
         keep = []
+        # An audit log can serve several generations (a reload that left [audit] alone):
+        # it is closed only when no generation that still has requests writes to it.
+        busy_audits = {id(s.audit) for s, _, _ in self._retired if s.calls[0]}
         for snapshot, audit, backends in self._retired:
-            if snapshot.calls[0] and not force:
+            busy = snapshot.calls[0] or (audit is not None and id(audit) in busy_audits)
+            if busy and not force:
                 keep.append((snapshot, audit, backends))
                 continue
             if audit is not None:
@@ -531,6 +541,7 @@ class Server:
     async def stop(self, grace: float = STOP_GRACE) -> None:
         """Health NOT_SERVING first, answer every call that has arrived (drain.py), then stop:
         calls still running get ``grace`` s."""
+        self._stopping = True
         log.info("stopping: health NOT_SERVING, draining in-flight requests")
         await drain_and_stop(self.servers, self.health, self.calls, grace=grace)  # see drain.py
         self.executor.shutdown(wait=True)
@@ -566,6 +577,7 @@ async def serve(
         tmp.write_text(server.addresses[0])
         tmp.replace(ready_file)
     loop = asyncio.get_running_loop()
+    own_signals = stop is None
     if stop is None:
         stop = asyncio.Event()
         for sig in (signal.SIGTERM, signal.SIGINT):
@@ -580,6 +592,9 @@ async def serve(
             loop.create_task(reload())
     health_task = loop.create_task(server.health_loop(settings.server.health_interval))
     await stop.wait()
+    if own_signals:  # stopping: no more reloads, and a late SIGHUP (forwarded by a supervisor) cannot kill us
+        loop.remove_signal_handler(signal.SIGHUP)
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)
     health_task.cancel()
     await server.stop()
 
@@ -738,6 +753,7 @@ def run(settings: Settings, ready_file: str | None = None, config_path: str | No
                         multiprocess.mark_process_dead(proc.pid, metrics_dir)
                     last_restart = time.monotonic()
                     procs[i] = spawn(i)
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)  # stopping: no more reloads, and none can kill us
         for proc in procs:
             proc.terminate()  # SIGTERM: each worker drains, then exits
         for proc in procs:
