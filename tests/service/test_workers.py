@@ -146,15 +146,34 @@ def _start_workers(tmp_path: Path, token, config: Path) -> tuple[subprocess.Pope
     return proc, ready.read_text(), log
 
 
-def test_a_sighup_while_a_worker_starts_is_applied_not_fatal(tmp_path):
-    """A reload that arrives while a restarted worker is still starting (before its event
-    loop handles SIGHUP) is kept and applied once it serves; SIGHUP's default action would
-    have killed it."""
-    token = create_token(tmp_path / "token", label="whup")
+def _two_worker_config(tmp_path: Path, label: str):
+    """A token with key ``k``, and a 2-worker configuration with profile ``p`` on it;
+    returns (token, public JWK, write_config keywords, server lines, config path)."""
+    token = create_token(tmp_path / "token", label=label)
     public = jwk.JWK(**keys_create(token, "k", "EC-P256", "ES256"))
     common = dict(issuer="https://helseid-sts.test.nhn.no", client_id="w", keys={"k": "ES256"})
     server = ('listen = "127.0.0.1:0"', "insecure = true", "workers = 2")
     config = write_config(tmp_path / "signer.toml", token, profiles={"p": ("k", "k")}, server_lines=server, **common)
+    return token, public, common, server, config
+
+
+def _issuer_of_q(public: jwk.JWK):
+    """A call for :func:`_on_every_worker`: sign an assertion for profile ``q``, verify it
+    with jwcrypto, return its ``iss``."""
+
+    def sign_q(client):
+        obj = jws.JWS()
+        obj.deserialize(client.sign_client_assertion("q").jwt, key=public)
+        return json.loads(obj.payload)["iss"]
+
+    return sign_q
+
+
+def test_a_sighup_while_a_worker_starts_is_applied_not_fatal(tmp_path):
+    """A reload that arrives while a restarted worker is still starting (before its event
+    loop handles SIGHUP) is kept and applied once it serves; SIGHUP's default action would
+    have killed it."""
+    token, public, common, server, config = _two_worker_config(tmp_path, "whup")
     proc, address, log = _start_workers(tmp_path, token, config)
     try:
         os.kill(max(_children(proc.pid)), signal.SIGKILL)
@@ -172,12 +191,7 @@ def test_a_sighup_while_a_worker_starts_is_applied_not_fatal(tmp_path):
             assert time.monotonic() < deadline, log.read_text()[-2000:]
             time.sleep(0.1)
 
-        def sign_q(client):
-            obj = jws.JWS()
-            obj.deserialize(client.sign_client_assertion("q").jwt, key=public)
-            return json.loads(obj.payload)["iss"]
-
-        assert _on_every_worker(address, sign_q) == ["w"] * 16
+        assert _on_every_worker(address, _issuer_of_q(public)) == ["w"] * 16
         assert "exited with -1" not in log.read_text()
     finally:
         proc.send_signal(signal.SIGTERM)
@@ -188,18 +202,10 @@ def test_a_restarted_worker_starts_with_the_configuration_the_workers_applied(tm
     """Reload B (adds profile q: applied), then reload C (adds profile r on a key that does
     not exist: every worker refuses it), then a worker dies. The supervisor restarts it
     with B - what the workers applied - not with the start-up file and not with C."""
-    token = create_token(tmp_path / "token", label="wreload")
-    public = jwk.JWK(**keys_create(token, "k", "EC-P256", "ES256"))
-    common = dict(issuer="https://helseid-sts.test.nhn.no", client_id="w", keys={"k": "ES256"})
-    server = ('listen = "127.0.0.1:0"', "insecure = true", "workers = 2")
-    config = write_config(tmp_path / "signer.toml", token, profiles={"p": ("k", "k")}, server_lines=server, **common)
+    token, public, common, server, config = _two_worker_config(tmp_path, "wreload")
     proc, address, log = _start_workers(tmp_path, token, config)
     try:
-
-        def sign_q(client):
-            obj = jws.JWS()
-            obj.deserialize(client.sign_client_assertion("q").jwt, key=public)
-            return json.loads(obj.payload)["iss"]
+        sign_q = _issuer_of_q(public)
 
         def refusal_r(client):
             with pytest.raises(SignerError) as caught:
