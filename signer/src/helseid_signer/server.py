@@ -587,9 +587,16 @@ async def serve(
             if await server.reload() and on_reload is not None:
                 on_reload(server.settings)
 
-        loop.add_signal_handler(signal.SIGHUP, lambda: loop.create_task(reload()))
+        reloads: set[asyncio.Task] = set()  # asyncio keeps only weak references to tasks
+
+        def start_reload() -> None:
+            task = loop.create_task(reload())
+            reloads.add(task)
+            task.add_done_callback(reloads.discard)
+
+        loop.add_signal_handler(signal.SIGHUP, start_reload)
         if reload_pending is not None and reload_pending.is_set():
-            loop.create_task(reload())
+            start_reload()
     health_task = loop.create_task(server.health_loop(settings.server.health_interval))
     await stop.wait()
     if own_signals:  # stopping: no more reloads, and a late SIGHUP (forwarded by a supervisor) cannot kill us
