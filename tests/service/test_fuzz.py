@@ -23,8 +23,6 @@ import base64
 import json
 import os
 import re
-import subprocess
-import sys
 import time
 from collections import Counter
 from pathlib import Path
@@ -37,6 +35,7 @@ from hypothesis import strategies as st
 from jwcrypto import jwk, jws
 
 from helseid_signer_client._proto import signer_pb2 as pb
+from tests.support.signer_process import start_signer
 from tests.support.signerkit import keys_create, write_config
 from tests.support.softhsm import create_token
 
@@ -111,20 +110,9 @@ def signer(tmp_path_factory):
                      "", "[audit]", 'sink = "file"', f'path = "{folder / "audit.jsonl"}"'),
     )  # fmt: skip
     config.write_text(config.read_text().replace("insecure = true", 'insecure = true\ninsecure_caller = "app"'))
-    ready = folder / "ready"
-    log_path = Path(str(config) + ".log")  # <config>.log, where tests/zz_last looks for secrets
-    log = open(log_path, "wb")  # noqa: SIM115 - closed below
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "helseid_signer.cli", "serve", "--config", str(config), "--ready-file", str(ready)],
-        env=token.env(), stdout=log, stderr=log,
-    )  # fmt: skip
+    signer = start_signer(config, token.env())  # its log is <config>.log, where tests/zz_last looks for secrets
     try:
-        deadline = time.monotonic() + 30
-        while not ready.exists():
-            assert proc.poll() is None, log_path.read_text()[-2000:]
-            assert time.monotonic() < deadline, "signer not ready in 30 s"
-            time.sleep(0.05)
-        with grpc.insecure_channel(ready.read_text()) as channel:
+        with grpc.insecure_channel(signer.address) as channel:
             calls = {
                 name: channel.unary_unary(
                     SERVICE + name, request_serializer=lambda b: b, response_deserializer=lambda b: b
@@ -132,20 +120,14 @@ def signer(tmp_path_factory):
                 for name in RPCS
             }
             yield {
-                "proc": proc,
-                "address": ready.read_text(),
+                "proc": signer.proc,
+                "address": signer.address,
                 "calls": calls,
                 "jwks": jwks,
-                "log": log_path,
+                "log": signer.log,
             }
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-        log.close()
+        signer.stop()
 
 
 @pytest.fixture(autouse=True)

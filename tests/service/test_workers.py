@@ -18,6 +18,7 @@ import pytest
 from jwcrypto import jwk, jws
 
 from helseid_signer_client import SignerClient, SignerError
+from tests.support.signer_process import start_signer
 from tests.support.signerkit import keys_create, write_config
 from tests.support.softhsm import create_token
 
@@ -132,18 +133,10 @@ def _on_every_worker(address: str, call, channels: int = 16) -> list:
     return results
 
 
-def _start_workers(tmp_path: Path, token, config: Path) -> tuple[subprocess.Popen, str, Path]:
+def _start_workers(token, config: Path) -> tuple[subprocess.Popen, str, Path]:
     """Start ``serve`` (workers from the config); return the process, its address, its log."""
-    ready, log = tmp_path / "ready", tmp_path / "log"
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "helseid_signer.cli", "serve", "--config", str(config), "--ready-file", str(ready)],
-        env=token.env(), stdout=subprocess.DEVNULL, stderr=open(log, "wb"),
-    )  # fmt: skip
-    deadline = time.monotonic() + 60
-    while not ready.exists():
-        assert proc.poll() is None and time.monotonic() < deadline, log.read_text()[-2000:]
-        time.sleep(0.05)
-    return proc, ready.read_text(), log
+    signer = start_signer(config, token.env(), timeout=60)
+    return signer.proc, signer.address, signer.log
 
 
 def _two_worker_config(tmp_path: Path, label: str):
@@ -174,7 +167,7 @@ def test_a_sighup_while_a_worker_starts_is_applied_not_fatal(tmp_path):
     loop handles SIGHUP) is kept and applied once it serves; SIGHUP's default action would
     have killed it."""
     token, public, common, server, config = _two_worker_config(tmp_path, "whup")
-    proc, address, log = _start_workers(tmp_path, token, config)
+    proc, address, log = _start_workers(token, config)
     try:
         os.kill(max(_children(proc.pid)), signal.SIGKILL)
         deadline = time.monotonic() + 30
@@ -203,7 +196,7 @@ def test_a_restarted_worker_starts_with_the_configuration_the_workers_applied(tm
     not exist: every worker refuses it), then a worker dies. The supervisor restarts it
     with B - what the workers applied - not with the start-up file and not with C."""
     token, public, common, server, config = _two_worker_config(tmp_path, "wreload")
-    proc, address, log = _start_workers(tmp_path, token, config)
+    proc, address, log = _start_workers(token, config)
     try:
         sign_q = _issuer_of_q(public)
 
@@ -260,7 +253,7 @@ def test_sighups_during_shutdown_neither_reload_nor_kill(tmp_path):
         tmp_path / "signer.toml", token, issuer="https://helseid-sts.test.nhn.no", client_id="w",
         keys={"k": "ES256"}, profiles={"p": ("k", "k")}, server_lines=server,
     )  # fmt: skip
-    proc, _, log = _start_workers(tmp_path, token, config)
+    proc, _, log = _start_workers(token, config)
     proc.send_signal(signal.SIGTERM)
     for _ in range(20):
         if proc.poll() is not None:

@@ -5,16 +5,11 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
-import subprocess
-import sys
-import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
-
-class SignerStartError(RuntimeError):
-    """The signer process exited or did not report ready in time."""
+from tests.support.signer_process import start_signer
 
 
 @contextlib.contextmanager
@@ -22,43 +17,14 @@ def running_signer(config: Path, env: dict[str, str] | None = None, timeout: flo
     """Start ``helseid-signer serve --config config`` and yield its bound ``host:port``.
 
     ``env`` is added to the current environment (e.g. SOFTHSM2_CONF). The process gets
-    SIGTERM on exit; its stderr (JSON log lines) is kept at ``<config>.log``.
+    SIGTERM on exit; its stderr (JSON log lines) is kept at ``<config>.log``
+    (:func:`tests.support.signer_process.start_signer`).
     """
-    with tempfile.TemporaryDirectory() as tmp:
-        ready = Path(tmp) / "ready"
-        log_path = Path(str(config) + ".log")
-        with open(log_path, "ab") as log:
-            proc = subprocess.Popen(
-                [
-                    sys.executable,
-                    "-m",
-                    "helseid_signer.cli",
-                    "serve",
-                    "--config",
-                    str(config),
-                    "--ready-file",
-                    str(ready),
-                ],
-                env={**os.environ, **(env or {})},
-                stdout=log,
-                stderr=log,
-            )
-            try:
-                deadline = time.monotonic() + timeout
-                while not ready.exists():
-                    if proc.poll() is not None:
-                        raise SignerStartError(f"signer exited with {proc.returncode}: {log_path.read_text()[-2000:]}")
-                    if time.monotonic() > deadline:
-                        raise SignerStartError(f"signer not ready after {timeout} s: {log_path.read_text()[-2000:]}")
-                    time.sleep(0.05)
-                yield ready.read_text()
-            finally:
-                proc.terminate()
-                try:
-                    proc.wait(timeout=10)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
-                    proc.wait()
+    signer = start_signer(config, env, timeout)
+    try:
+        yield signer.address
+    finally:
+        signer.stop()
 
 
 def plain_client(address: str, timeout: float = 5.0):
