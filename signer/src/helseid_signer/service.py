@@ -120,18 +120,22 @@ def add_to_server(servicer: SignerServicer, server: grpc.aio.Server, tracker: Ca
 def sign_compact(key: SigningKey, header_b64: str, claims: dict[str, Any], deadline: float | None = None) -> str:
     """Sign ``claims`` under the JOSE header ``header_b64`` with ``key`` (blocking, within
     ``deadline``) and return the compact JWS. The service's signing path; ``check`` uses it too."""
-    data = signing_input(header_b64, json_b64(claims))
+    return sign_input(key, signing_input(header_b64, json_b64(claims)), deadline)
+
+
+def sign_input(key: SigningKey, data: bytes, deadline: float | None = None) -> str:
+    """Sign the JWS signing input ``data`` (``header.payload``, RFC 7515 section 5.1) with
+    ``key`` (blocking, within ``deadline``); return the compact JWS."""
     started = time.perf_counter()
     signature = key.sign(data, deadline)
     _observe_sign(key, started)
     return compact(data, signature)
 
 
-def sign_compact_now(key: SigningKey, header_b64: str, claims: dict[str, Any]) -> str | None:
-    """:func:`sign_compact` on the caller's thread when the backend can sign without waiting
+def sign_input_now(key: SigningKey, data: bytes) -> str | None:
+    """:func:`sign_input` on the caller's thread when the backend can sign without waiting
     (``sign_now``, PKCS#11 with ``sign_on_event_loop``); None when it cannot (use
-    :func:`sign_compact` on the signing thread)."""
-    data = signing_input(header_b64, json_b64(claims))
+    :func:`sign_input` on the signing thread)."""
     started = time.perf_counter()
     signature = key.backend.sign_now(key.resolved, key.alg, data)
     if signature is None:
@@ -211,13 +215,14 @@ class SignerServicer:
         self._clock = clock
 
     async def _sign(self, key: SigningKey, header_b64: str, claims: dict[str, Any], deadline: float | None) -> str:
+        data = signing_input(header_b64, json_b64(claims))
         if getattr(key.backend, "sign_on_event_loop", False):  # opt-in, PKCS#11 (docs/performance.md)
-            jws = sign_compact_now(key, header_b64, claims)
+            jws = sign_input_now(key, data)
             if jws is not None:
                 return jws
         loop = asyncio.get_running_loop()
         executor = getattr(key.backend, "sign_executor", None) or self._executor  # PKCS#11: its own thread
-        return await loop.run_in_executor(executor, sign_compact, key, header_b64, claims, deadline)
+        return await loop.run_in_executor(executor, sign_input, key, data, deadline)
 
     async def _call(self, context: grpc.aio.ServicerContext, purpose: str, request: Any, work: Work) -> Any:
         started = time.perf_counter()
