@@ -1,5 +1,4 @@
-"""``helseid-signer`` command line: ``serve``, ``check``, ``keys create|jwk|list|register``, ``jwks``,
-``audit verify``.
+"""``helseid-signer`` command line: serve, check, keys create|jwk|list|register, jwks, audit verify.
 
 Exit codes: 0 success, 2 usage or configuration error (message on stderr naming the
 key), 1 any other failure. Never prints a private key or a PIN.
@@ -283,8 +282,9 @@ def main(argv: list[str] | None = None) -> int:
         help="check the hash chains of audit record files (edited, removed, inserted or reordered records)",
         description="Files are read in the order given, so a chain may continue across rotated files "
         "(audit.jsonl.1 audit.jsonl). Exit 0: every chain intact; 1: a problem (each printed with its file and "
-        "line) or no record at all; 2: a file cannot be read. The last records of a chain, or a whole chain, "
-        "can be removed unnoticed: ship records off the host as they are written.",
+        "line; an edited record shows at the line after it) or no record at all; 2: a file cannot be read. "
+        "An edit to a chain's last record, or removing its last records or a whole chain, goes unnoticed: "
+        "ship records off the host as they are written.",
     )
     p.add_argument("files", nargs="+", help="audit files (JSON lines; log lines among them are skipped)")
     p.set_defaults(func=cmd_audit_verify)
