@@ -4,7 +4,7 @@
 Usage: python scripts/gen_proto.py [OUT_DIR]
 
 Writes signer_pb2.py, signer_pb2.pyi and signer_pb2_grpc.py into OUT_DIR
-(default: client/src/helseid_signer_client/_proto/, where they are committed).
+(default: client/src/helseid_signer_client/proto/, where they are committed).
 The stub's absolute import of signer_pb2 is rewritten to a relative one so the
 generated package needs nothing on sys.path. tests/unit/test_proto_stubs.py
 regenerates into a temporary folder and fails when the committed stubs differ.
@@ -22,7 +22,7 @@ from grpc_tools import protoc
 ROOT = Path(__file__).resolve().parent.parent
 PROTO_ROOT = ROOT / "proto"
 PROTO = "helseid/signer/v1/signer.proto"
-DEFAULT_OUT = ROOT / "client" / "src" / "helseid_signer_client" / "_proto"
+DEFAULT_OUT = ROOT / "client" / "src" / "helseid_signer_client" / "proto"
 NAMES = ("signer_pb2.py", "signer_pb2.pyi", "signer_pb2_grpc.py")
 
 

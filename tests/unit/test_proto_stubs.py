@@ -13,7 +13,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = ROOT / "scripts" / "gen_proto.py"
-COMMITTED = ROOT / "client" / "src" / "helseid_signer_client" / "_proto"
+COMMITTED = ROOT / "client" / "src" / "helseid_signer_client" / "proto"
 NAMES = ("signer_pb2.py", "signer_pb2.pyi", "signer_pb2_grpc.py")
 
 

@@ -29,9 +29,9 @@ from typing import Any
 
 import grpc
 
-from ._proto import signer_pb2 as pb
-from ._proto import signer_pb2_grpc
 from .errors import SignerError
+from .proto import signer_pb2 as pb
+from .proto import signer_pb2_grpc
 
 DEFAULT_TIMEOUT = 5.0  # seconds, per RPC
 
