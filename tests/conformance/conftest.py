@@ -1,8 +1,9 @@
 """One conformance suite, run against every key backend.
 
 Each backend under test is described by a :class:`BackendUnderTest` made by a factory
-fixture named ``conformance_<scheme>``; add a backend by writing that fixture (in this
-file or a plugin imported here) and adding its scheme to ``BACKENDS``. The tests in this
+fixture named ``conformance_<scheme>``. The schemes come from the backend registry
+(``backends.base.REGISTRY``): a registered backend without its fixture fails the suite
+instead of being left out. The tests in this
 folder use only the :class:`~helseid_signer.backends.base.KeyBackend` protocol, the
 optional :class:`KeyCreator`, and independent verifiers.
 """
@@ -15,10 +16,10 @@ from dataclasses import dataclass, field
 
 import pytest
 
-from helseid_signer.backends.base import KeyBackend
+from helseid_signer.backends.base import REGISTRY, KeyBackend
 from tests.support.softhsm import SoftHsmToken
 
-BACKENDS = ["pkcs11", "awskms", "azurekv"]
+BACKENDS = list(REGISTRY)
 
 
 @dataclass

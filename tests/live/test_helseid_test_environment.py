@@ -14,8 +14,8 @@ import os
 from datetime import UTC, datetime, timedelta
 
 from helseid_signer.config import load_settings
+from helseid_signer.htu import HtuPolicy
 from helseid_signer.local_signer import LocalSigner
-from helseid_signer.policy import HtuPolicy
 from helseid_signer.register import opened_runtime, register_next_key
 from helseid_signer_client import TokenClient
 

@@ -34,7 +34,8 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from jwcrypto import jwk, jws
 
-from helseid_signer_client._proto import signer_pb2 as pb
+from helseid_signer_client.proto import signer_pb2 as pb
+from tests.support.jose_verify import verified as _verify
 from tests.support.signer_process import start_signer
 from tests.support.signerkit import keys_create, write_config
 from tests.support.softhsm import create_token
@@ -147,11 +148,6 @@ def still_serving(signer):
 def _b64url(data: bytes) -> str:
     return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
 
-
-def _verify(token: str, key: jwk.JWK) -> tuple[dict, dict]:
-    obj = jws.JWS()
-    obj.deserialize(token, key=key)
-    return obj.jose_header, json.loads(obj.payload)
 
 
 def htu_allowed(htu: str) -> bool:

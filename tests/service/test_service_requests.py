@@ -9,16 +9,16 @@ from __future__ import annotations
 
 import base64
 import hashlib
-import json
 import time
 
 import grpc
 import pytest
-from jwcrypto import jwk, jws
+from jwcrypto import jwk
 
 from helseid_signer_client import SignerClient, SignerError
-from helseid_signer_client._proto import signer_pb2 as pb
-from helseid_signer_client._proto import signer_pb2_grpc
+from helseid_signer_client.proto import signer_pb2 as pb
+from helseid_signer_client.proto import signer_pb2_grpc
+from tests.support.jose_verify import verified as _verify
 from tests.support.signer_proc import running_signer
 from tests.support.signerkit import keys_create, write_config
 from tests.support.softhsm import create_token
@@ -53,11 +53,6 @@ def signer(tmp_path_factory):
             client.address = address
             yield client
 
-
-def _verify(token: str, key: jwk.JWK) -> tuple[dict, dict]:
-    obj = jws.JWS()
-    obj.deserialize(token, key=key)
-    return obj.jose_header, json.loads(obj.payload)
 
 
 def test_client_assertion_claims(signer):

@@ -8,7 +8,8 @@ In order, each step printing one line per finding (``ok:``, ``info:``, ``warning
    on P-256/384/521) - the same checks the service makes at start-up;
 3. per profile, a test client assertion (also one with the rotation's next key, if any)
    and a test DPoP proof are built and signed through the service's own path
-   (:func:`claims.build_assertion_claims`, :func:`service.sign_compact`) and verified here
+   (the signing core, :func:`signing.client_assertion` / :func:`signing.dpop_proof`,
+   :func:`signing.sign`) and verified here
    with ``cryptography`` alone: the signature, the header (``alg``, ``typ``, ``kid`` as an
    RFC 7638 thumbprint computed here, the public-only ``jwk``) and the claims;
 4. each issuer's discovery document, when reachable (unreachable is a warning): its
@@ -41,16 +42,16 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
 from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
 
+from . import signing
 from .backends.base import CustodyReporter
-from .claims import assertion_details, build_assertion_claims, build_proof_claims, canonical_htu, new_jti
 from .config import (
-    SIGN_ON_EVENT_LOOP_WARNING,
     ConfigError,
     ProfileSettings,
     Settings,
     is_loopback_host,
     load_settings,
 )
+from .htu import HtuPolicy, canonical_htu
 from .keys import ASSERTION_TYP, DPOP_TYP, SigningKey, build_backends, make_signing_key
 
 #: Above this an assertion lifetime draws a warning (HelseID allows 60 s; NHN uses 5-10 s).
@@ -253,22 +254,27 @@ def check_keys(settings: Settings, report: Report) -> tuple[dict[str, SigningKey
     return keys, backends
 
 
-def _test_details(p: ProfileSettings) -> dict[str, Any] | None:
-    """assertion_details for the first allowed organisation number, so that path is signed too."""
+def _test_organization_numbers(p: ProfileSettings) -> tuple[str, str]:
+    """(parent, child) naming the first allowed organisation number, so that path is signed too."""
     if not p.allowed_organization_numbers:
-        return None
+        return "", ""
     first = p.allowed_organization_numbers[0]
-    if p.tenancy == "single":
-        return assertion_details("single", p.allowed_organization_numbers, "", first)
-    return assertion_details("multi", p.allowed_organization_numbers, first, "")
+    return ("", first) if p.tenancy == "single" else (first, "")
 
 
-def _check_assertion(p: ProfileSettings, key: SigningKey, now: int) -> str:
-    from .service import sign_compact
+def _test_profile(name: str, p: ProfileSettings, key: SigningKey) -> signing.Profile:
+    """The profile as the service holds it, with ``key`` as the key under test (in both
+    roles: each test signs only one JWT)."""
+    return signing.Profile.with_keys(
+        name, p, key, key, HtuPolicy.from_settings(p.effective_token_endpoint, p.api_base_urls)
+    )
 
-    jti = new_jti()
-    claims = build_assertion_claims(p, now, jti, _test_details(p))
-    token = sign_compact(key, key.assertion_header, claims, time.monotonic() + SIGN_TIMEOUT)
+
+def _check_assertion(name: str, p: ProfileSettings, key: SigningKey, now: int) -> str:
+    parent, child = _test_organization_numbers(p)
+    signable = signing.client_assertion(_test_profile(name, p, key), parent, child, now, {})
+    token = signing.sign(signable, time.monotonic() + SIGN_TIMEOUT)
+    jti = signable.jti
     header, got = verify_jws(token, key.resolved.public_key)
     expected_header = {"alg": key.alg.name, "typ": ASSERTION_TYP, "kid": rfc7638_thumbprint(key.resolved.public_key)}
     if header != expected_header:
@@ -286,12 +292,10 @@ def _check_assertion(p: ProfileSettings, key: SigningKey, now: int) -> str:
     return f"kid {header['kid']}, {header['alg']}, exp - iat = {times[2] - times[0]} s"
 
 
-def _check_proof(p: ProfileSettings, key: SigningKey, now: int) -> str:
-    from .service import sign_compact
-
+def _check_proof(name: str, p: ProfileSettings, key: SigningKey, now: int) -> str:
     htu = canonical_htu(p.effective_token_endpoint)
-    claims = build_proof_claims(new_jti(), "POST", htu, now)
-    token = sign_compact(key, key.dpop_header, claims, time.monotonic() + SIGN_TIMEOUT)
+    signable = signing.dpop_proof(_test_profile(name, p, key), "POST", p.effective_token_endpoint, "", b"", now, {})
+    token = signing.sign(signable, time.monotonic() + SIGN_TIMEOUT)
     header = json.loads(_b64d(token.split(".")[0]))
     jwk = header.get("jwk")
     if not isinstance(jwk, dict):
@@ -321,7 +325,8 @@ def check_profiles(settings: Settings, keys: dict[str, SigningKey], report: Repo
                 continue
             now = int(clock())
             try:
-                detail = _check_proof(p, key, now) if what == "test DPoP proof" else _check_assertion(p, key, now)
+                check = _check_proof if what == "test DPoP proof" else _check_assertion
+                detail = check(name, p, key, now)
             except VerifyError as exc:
                 report.error(f"profiles.{name}: {what} signed with keys.{key_name} does not verify: {exc}")
             except Exception as exc:
@@ -432,8 +437,8 @@ def check_settings(settings: Settings, keys: dict[str, SigningKey], report: Repo
             report.info(f"callers.{name}: no rate_limit")
     if settings.audit.on_failure == "continue":
         report.warning("audit.on_failure: continue signs without an audit record when the audit sink fails")
-    if settings.backends.pkcs11 is not None and settings.backends.pkcs11.sign_on_event_loop:
-        report.warning(SIGN_ON_EVENT_LOOP_WARNING)
+    for warning in settings.backends.warnings():
+        report.warning(warning)
     # A key is the same key under two names if its thumbprint is (otherwise compare names).
     identity = {name: keys[name].kid if name in keys else f"name:{name}" for name in settings.keys}
     issuers_of: dict[str, set[str]] = {}

@@ -4,51 +4,37 @@ The service, not the caller, decides every header and claim it can know. Sources
 RFC 7523 section 3 and HelseID's client-assertion profile (``iss``/``sub``/``aud``/
 ``exp``/``jti``, ``typ: client-authentication+jwt``, ``assertion_details``), RFC 9449
 section 4.2 (DPoP proof: ``typ: dpop+jwt``, ``jwk``, ``jti``, ``htm``, ``htu``, ``iat``,
-``nonce``, ``ath``), RFC 9110 section 9.1 (methods are case-sensitive), RFC 3986
-section 6.2.3 (scheme-based normalisation of ``htu``).
+``nonce``, ``ath``), RFC 9110 section 9.1 (methods are case-sensitive). ``htu`` has a
+module of its own (:mod:`.htu`). The order in which these checks run for a request is
+fixed once, in :mod:`.signing`.
 """
 
 from __future__ import annotations
 
-import ipaddress
 import re
 import secrets
-from typing import TYPE_CHECKING, Any
-from urllib.parse import urlsplit
+from typing import Any, Protocol
 
+from .errors import RequestError
 from .jwt import b64url
 
-if TYPE_CHECKING:
-    from .config import ProfileSettings
+
+class AssertionSettings(Protocol):
+    """What a client assertion's claims take from a profile (``config.ProfileSettings``)."""
+
+    client_id: str
+    issuer: str
+    assertion_lifetime: int
+
 
 #: HTTP methods a DPoP ``htm`` may name, exactly as written (RFC 9110 section 9 + PATCH).
 HTTP_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "DELETE", "CONNECT", "OPTIONS", "TRACE", "PATCH"})
-MAX_HTU_LENGTH = 2048
 MAX_NONCE_LENGTH = 512
 _PROFILE_RE = re.compile(r"[A-Za-z0-9._-]{1,64}")
 _NONCE_RE = re.compile(r"[\x21\x23-\x5b\x5d-\x7e]+")  # NQCHAR, RFC 9449 section 8.1
 _ORGNR_RE = re.compile(r"[0-9]{9}")
-_DEFAULT_PORTS = {"http": 80, "https": 443}
-# RFC 3986 section 3.2.2/3.2.3: IP-literal (IPv6 only) or reg-name, then an optional port.
-_AUTHORITY_RE = re.compile(r"(\[[0-9A-Fa-f:.]+\]|(?:[A-Za-z0-9._~!$&'()*+,;=-]|%[0-9A-Fa-f]{2})+)(?::[0-9]*)?")
 HELSEID_ORGNR_SYSTEM = "urn:oid:2.16.578.1.12.4.1.4.101"
 MULTI_TENANT_SYSTEM = "urn:oid:1.0.6523"
-
-
-class RequestError(ValueError):
-    """A request field is unacceptable.
-
-    Attributes:
-        field: the request field's name, e.g. ``"htu"``.
-        code: the gRPC status name: ``INVALID_ARGUMENT`` (malformed), ``PERMISSION_DENIED``
-            (well-formed but not allowed, including a profile the caller may not use),
-            ``UNAUTHENTICATED`` (unknown caller) or ``RESOURCE_EXHAUSTED`` (rate limit).
-    """
-
-    def __init__(self, field: str, message: str, code: str = "INVALID_ARGUMENT") -> None:
-        super().__init__(f"{field}: {message}")
-        self.field = field
-        self.code = code
 
 
 def new_jti() -> str:
@@ -70,48 +56,6 @@ def check_htm(htm: str) -> str:
             raise RequestError("htm", f"methods are case-sensitive: send {htm.upper()!r}, not {htm[:16]!r}")
         raise RequestError("htm", f"must be one of {', '.join(sorted(HTTP_METHODS))}")
     return htm
-
-
-def canonical_htu(htu: str) -> str:
-    """The ``htu`` claim for request URI ``htu`` (RFC 9449 section 4.2, RFC 3986 6.2.3).
-
-    Keeps scheme, host, non-default port and path (an empty path becomes ``/``); drops
-    query and fragment; lower-cases scheme and host. Refuses (RequestError on field
-    ``htu``): over 2048 characters, non-ASCII or control characters or spaces, a scheme
-    other than http/https, a missing or malformed host, userinfo, an invalid port.
-    """
-    if not htu:
-        raise RequestError("htu", "is required")
-    if len(htu) > MAX_HTU_LENGTH:
-        raise RequestError("htu", f"is longer than {MAX_HTU_LENGTH} characters")
-    if not htu.isascii() or any(c <= " " or c == "\x7f" for c in htu):
-        raise RequestError("htu", "must be ASCII without spaces or control characters (percent-encode)")
-    try:
-        parts = urlsplit(htu)
-    except ValueError:  # e.g. an unbalanced "[" in the host
-        raise RequestError("htu", "is not a valid URI") from None
-    scheme = parts.scheme.lower()
-    if scheme not in _DEFAULT_PORTS:
-        raise RequestError("htu", "must be an absolute http or https URI")
-    if "@" in parts.netloc:
-        raise RequestError("htu", "must not contain userinfo")
-    if not _AUTHORITY_RE.fullmatch(parts.netloc):
-        raise RequestError("htu", "has an invalid host or port")
-    host = parts.hostname
-    if not host:
-        raise RequestError("htu", "has no host")
-    try:
-        port = parts.port
-    except ValueError:
-        raise RequestError("htu", "has an invalid port") from None
-    if parts.netloc.startswith("["):
-        try:
-            ipaddress.IPv6Address(host)
-        except ValueError:
-            raise RequestError("htu", "has an invalid IPv6 address") from None
-        host = f"[{host}]"
-    netloc = host if port in (None, _DEFAULT_PORTS[scheme]) else f"{host}:{port}"
-    return f"{scheme}://{netloc}{parts.path or '/'}"
 
 
 def check_nonce(nonce: str) -> str | None:
@@ -175,7 +119,7 @@ def assertion_details(
 
 
 def build_assertion_claims(
-    profile: ProfileSettings, now: int, jti: str, details: dict[str, Any] | None
+    profile: AssertionSettings, now: int, jti: str, details: dict[str, Any] | None
 ) -> dict[str, Any]:
     """The claims of a client assertion for ``profile`` (RFC 7523 section 3, HelseID):
     ``iss``/``sub`` the client id, ``aud`` the issuer exactly as configured, ``iat``/``nbf``

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import sys
 import tomllib
 from pathlib import Path
@@ -19,32 +18,14 @@ from .algorithms import AlgorithmError, get_algorithm
 from .backends.base import KEY_SPECS, BackendError, KeyCreator, backend_class, scheme_of
 from .config import BackendsSettings, ConfigError, load_settings
 from .keys import KeyResolutionError, build_backends, resolve_keys
-
-
-class _JsonFormatter(logging.Formatter):
-    def format(self, record: logging.LogRecord) -> str:
-        entry = {
-            "time": self.formatTime(record, "%Y-%m-%dT%H:%M:%S%z"),
-            "level": record.levelname.lower(),
-            "logger": record.name,
-            "message": record.getMessage(),
-        }
-        if record.exc_info:
-            entry["exception"] = self.formatException(record.exc_info)
-        return json.dumps(entry)
-
-
-def setup_logging(level: str) -> None:
-    """JSON log lines on stderr at ``level`` (debug, info, warning, error)."""
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(_JsonFormatter())
-    logging.basicConfig(level=level.upper(), handlers=[handler], force=True)
+from .logs import setup_logging
 
 
 def _backend_for_create(args: argparse.Namespace):
     """The backend for ``keys create``: from the ``[backends]`` section of ``--config``, or
-    for PKCS#11 from ``--module``/``--pin-*``, or for the cloud backends from their SDKs'
-    default credential chains (AWS: environment/profile/role; Azure: DefaultAzureCredential)."""
+    from the command-line flags (PKCS#11: ``--module``/``--pin-*``), validated by the
+    backend's own settings class; the cloud backends need none and use their SDKs' default
+    credential chains (AWS: environment/profile/role; Azure: DefaultAzureCredential)."""
     scheme = scheme_of(args.uri)
     if args.config:
         try:
@@ -55,15 +36,20 @@ def _backend_for_create(args: argparse.Namespace):
             raise ConfigError(f"{args.config}: {exc}") from None
         except ValidationError as exc:
             raise ConfigError(f"{args.config}: backends: {exc}") from None
-        options = getattr(backends, scheme, None)
+        options = backends.configured.get(scheme)
         if options is None:
             raise ConfigError(f"{args.config}: no [backends.{scheme}] section")
-        return backend_class(scheme)(**options.model_dump())
-    if scheme == "pkcs11":
-        if not args.module:
-            raise ConfigError("keys create: give --config FILE, or --module PATH with --pin-env or --pin-file")
-        return backend_class(scheme)(module=args.module, pin_env=args.pin_env, pin_file=args.pin_file)
-    return backend_class(scheme)()
+    else:
+        flags = {"module": args.module, "pin_env": args.pin_env, "pin_file": args.pin_file}
+        backend_settings = backend_class(scheme).Settings
+        try:
+            options = backend_settings.model_validate({k: v for k, v in flags.items() if v})
+        except ValidationError as exc:
+            raise ConfigError(
+                f"keys create: give --config FILE, or the [backends.{scheme}] settings as flags "
+                f"(pkcs11: --module PATH with --pin-env or --pin-file): {exc}"
+            ) from None
+    return backend_class(scheme)(**options.model_dump())
 
 
 def _check_spec_fits(alg_name: str, spec: str) -> None:
@@ -78,7 +64,7 @@ def _check_spec_fits(alg_name: str, spec: str) -> None:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from .server import run
+    from .supervisor import run
 
     run(load_settings(args.config), ready_file=args.ready_file, config_path=args.config)
     return 0

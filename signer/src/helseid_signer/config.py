@@ -9,27 +9,29 @@ See ``docs/configuration.md`` for every key.
 
 from __future__ import annotations
 
-import ipaddress
 import re
 import tomllib
 from datetime import datetime, timedelta
 from pathlib import Path
-from typing import Annotated, Literal
-from urllib.parse import urlsplit
+from typing import Annotated, Any, Literal
 
-from pydantic import (
-    AfterValidator,
-    BaseModel,
-    ConfigDict,
-    Field,
-    Strict,
-    ValidationError,
-    ValidationInfo,
-    field_validator,
-    model_validator,
-)
+from pydantic import AfterValidator, Field, ValidationError, ValidationInfo, field_validator, model_validator
+from pydantic_core import InitErrorDetails
 
 from .algorithms import ALGORITHMS
+from .backends.base import REGISTRY, BackendConfigError, backend_class
+from .htu import UrlBase
+from .settings_types import (
+    Bool,
+    ConfigPath,
+    Int,
+    StrictSettings,
+    check_endpoint_url,
+    is_loopback_host,
+)
+
+_Strict = StrictSettings
+__all__ = ["ConfigError", "Settings", "is_loopback_host", "load_settings", "parse_listen"]
 
 NAME_PATTERN = r"^[A-Za-z0-9._-]{1,64}$"
 ORGNR_PATTERN = r"^[0-9]{9}$"
@@ -38,58 +40,6 @@ Name = Annotated[str, Field(pattern=NAME_PATTERN)]
 
 class ConfigError(Exception):
     """The configuration file is missing, unreadable or invalid. ``str()`` names the key."""
-
-
-def is_loopback_host(host: str | None) -> bool:
-    """True for ``localhost`` and addresses in 127.0.0.0/8 or ``::1``."""
-    if not host:
-        return False
-    if host.lower() == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
-
-
-def check_endpoint_url(url: str) -> str:
-    """An issuer or token endpoint: absolute https URL (http only on loopback), no
-    userinfo, query, fragment, spaces or control characters, a valid port if any.
-    Returned unchanged (the issuer is compared exactly)."""
-    if any(c <= " " or c == "\x7f" for c in url):
-        raise ValueError("must not contain spaces or control characters")
-    parts = urlsplit(url)
-    if parts.scheme not in ("https", "http") or not parts.hostname:
-        raise ValueError("must be an absolute https URL")
-    try:
-        _ = parts.port  # parsing the port is the check
-    except ValueError:
-        raise ValueError("has an invalid port") from None
-    if parts.scheme == "http" and not is_loopback_host(parts.hostname):
-        raise ValueError("must use https (http only for loopback addresses)")
-    if parts.username is not None or parts.password is not None:
-        raise ValueError("must not contain userinfo")
-    if parts.query or parts.fragment or url.endswith(("?", "#")):
-        raise ValueError("must not contain a query or fragment")
-    return url
-
-
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-def _config_path(value: str, info: ValidationInfo) -> str:
-    """Resolve a relative path against the configuration file's folder."""
-    base = (info.context or {}).get("base")
-    if base is not None and value and not Path(value).is_absolute():
-        return str(Path(base) / value)
-    return value
-
-
-#: A file path; relative paths are taken from the configuration file's folder.
-ConfigPath = Annotated[str, Field(min_length=1, max_length=4096), AfterValidator(_config_path)]
-Int = Annotated[int, Strict()]
-Bool = Annotated[bool, Strict()]
 
 
 class ServerSettings(_Strict):
@@ -186,94 +136,48 @@ class AuditSettings(_Strict):
         return self
 
 
-#: Logged at start-up and reported by ``check`` when ``sign_on_event_loop`` is on.
-SIGN_ON_EVENT_LOOP_WARNING = (
-    "backends.pkcs11.sign_on_event_loop: on; while a Cryptoki call runs this worker answers nothing else "
-    "(health checks included) - a network HSM, a hung token or a SoftHSM token store locked by another "
-    "process stalls it (docs/security.md, 'Where signatures run')"
-)
-
-
-class Pkcs11Settings(_Strict):
-    """``[backends.pkcs11]``: the PKCS#11 module and where its user PIN comes from."""
-
-    module: str
-    pin_env: str | None = None
-    pin_file: ConfigPath | None = None
-    #: Sign on the worker's event loop when the module is idle (docs/configuration.md):
-    #: faster for modules that compute in the process, a stall risk for network HSMs.
-    sign_on_event_loop: Bool = False
-
-    @model_validator(mode="after")
-    def _one_pin_source(self) -> Pkcs11Settings:
-        if not self.pin_env and not self.pin_file:
-            raise ValueError("set pin_env (an environment variable name) or pin_file (a path)")
-        return self
-
-
-class AzureKvSettings(_Strict):
-    """``[backends.azurekv]``: how the Azure Key Vault backend authenticates and connects.
-
-    ``credential = "default"``: azure-identity's DefaultAzureCredential (workload identity,
-    managed identity, environment, Azure CLI). ``"certificate"``: a service principal's
-    client certificate for on-premises hosts (``tenant_id``, ``client_id``,
-    ``certificate_path``: PEM or PKCS#12 holding the private key; a password, if any, from
-    the environment variable ``certificate_password_env``). ``ca_bundle``: PEM CAs to trust
-    for the vault's TLS. ``verify_challenge_resource = false`` allows a vault host outside
-    the Azure Key Vault domains (tests). ``hsm_keys``: ``keys create`` makes RSA-HSM/EC-HSM
-    keys (always so in a Managed HSM). See docs/backends/azure-key-vault.md.
-    """
-
-    credential: Literal["default", "certificate"] = "default"
-    tenant_id: str | None = None
-    client_id: str | None = None
-    certificate_path: ConfigPath | None = None
-    certificate_password_env: str | None = None
-    ca_bundle: ConfigPath | None = None
-    verify_challenge_resource: Bool = True
-    hsm_keys: Bool = False
-
-    @model_validator(mode="after")
-    def _credential_fields(self) -> AzureKvSettings:
-        needed = ("tenant_id", "client_id", "certificate_path")
-        if self.credential == "certificate":
-            missing = [f for f in needed if not getattr(self, f)]
-            if missing:
-                raise ValueError(f"credential = 'certificate' needs {', '.join(missing)}")
-        elif any(getattr(self, f) for f in (*needed, "certificate_password_env")):
-            raise ValueError(f"{', '.join(needed)} and certificate_password_env need credential = 'certificate'")
-        return self
-
-
-class AwsKmsSettings(_Strict):
-    """``[backends.awskms]``: the AWS KMS client. Credentials never stand here: boto3's
-    standard chain finds them (environment, profile, instance or pod role). ``region``
-    defaults to that chain's (``AWS_DEFAULT_REGION``, the profile), then ``AWS_REGION``;
-    ``endpoint_url``: a VPC interface endpoint or a local test endpoint (https; http only
-    on loopback). ``retry_mode`` and
-    ``max_attempts`` (first attempt included) drive botocore's retries, always bounded by
-    the caller's deadline; timeouts are seconds per attempt. See docs/backends/aws-kms.md.
-    """
-
-    region: Annotated[str, Field(pattern=r"^[a-z]{2}(-[a-z]+)+-[0-9]+$")] | None = None
-    endpoint_url: str | None = None
-    retry_mode: Literal["standard", "adaptive"] = "standard"
-    max_attempts: Annotated[int, Field(ge=1, le=10, strict=True)] = 3
-    connect_timeout: Annotated[float, Field(gt=0, le=60)] = 2.0
-    read_timeout: Annotated[float, Field(gt=0, le=60)] = 5.0
-
-    @field_validator("endpoint_url")
-    @classmethod
-    def _endpoint(cls, value: str | None) -> str | None:
-        return None if value is None else check_endpoint_url(value)
-
-
 class BackendsSettings(_Strict):
-    """``[backends]``: settings per backend scheme."""
+    """``[backends]``: one table per backend scheme the keys use, each validated by that
+    backend's own settings class (``Backend.Settings``, in the backend's module: adding a
+    backend touches no file here). ``settings.backends.pkcs11`` is the PKCS#11 settings,
+    or None when there is no ``[backends.pkcs11]``."""
 
-    pkcs11: Pkcs11Settings | None = None
-    awskms: AwsKmsSettings | None = None
-    azurekv: AzureKvSettings | None = None
+    configured: dict[str, Any] = {}
+
+    @model_validator(mode="before")
+    @classmethod
+    def _per_backend(cls, value: Any, info: ValidationInfo) -> Any:
+        if not isinstance(value, dict) or set(value) == {"configured"}:
+            return value
+        configured: dict[str, Any] = {}
+        errors: list[InitErrorDetails] = []
+        for scheme, table in value.items():
+            if scheme not in REGISTRY:
+                errors.append(InitErrorDetails(type="extra_forbidden", loc=(scheme,), input=table))
+                continue
+            try:
+                settings_class = backend_class(scheme).Settings
+            except BackendConfigError as exc:  # the backend's extra is not installed
+                raise ValueError(f"{scheme}: {exc}") from None
+            try:
+                configured[scheme] = settings_class.model_validate(table, context=info.context)
+            except ValidationError as exc:
+                errors += [
+                    InitErrorDetails(type=e["type"], loc=(scheme, *e["loc"]), input=e["input"], ctx=e.get("ctx", {}))
+                    for e in exc.errors()
+                ]
+        if errors:
+            raise ValidationError.from_exception_data(cls.__name__, errors)
+        return {"configured": configured}
+
+    def __getattr__(self, name: str) -> Any:
+        if name in REGISTRY:
+            return self.configured.get(name)
+        return super().__getattr__(name)  # type: ignore[misc]
+
+    def warnings(self) -> list[str]:
+        """Every configured backend's :meth:`~.settings_types.BackendSettings.warnings`."""
+        return [warning for settings in self.configured.values() for warning in settings.warnings()]
 
 
 class KeySettings(_Strict):
@@ -374,8 +278,6 @@ class ProfileSettings(_Strict):
     @field_validator("api_base_urls")
     @classmethod
     def _bases(cls, value: tuple[str, ...]) -> tuple[str, ...]:
-        from .policy import UrlBase
-
         for url in value:
             check_endpoint_url(url)
             UrlBase.parse(url)
@@ -461,12 +363,9 @@ class Settings(_Strict):
             raise ValueError("server.listen: no listener (set listen, or give a caller a unix_socket)")
         for name, key in self.keys.items():
             scheme = key.uri.partition(":")[0]
-            if scheme == "pkcs11" and self.backends.pkcs11 is None:
-                raise ValueError(f"keys.{name}.uri: a pkcs11: key needs a [backends.pkcs11] section")
-            if scheme == "awskms" and self.backends.awskms is None:
-                raise ValueError(f"keys.{name}.uri: an awskms: key needs a [backends.awskms] section")
-            if scheme == "azurekv" and self.backends.azurekv is None:
-                raise ValueError(f"keys.{name}.uri: an azurekv: key needs a [backends.azurekv] section")
+            if scheme in REGISTRY and scheme not in self.backends.configured:
+                article = "an" if scheme[0] in "aeiou" else "a"
+                raise ValueError(f"keys.{name}.uri: {article} {scheme}: key needs a [backends.{scheme}] section")
         return self
 
 

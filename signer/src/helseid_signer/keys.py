@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import time
+from concurrent.futures import Executor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -17,9 +18,11 @@ from .backends.base import (
     AlgChecker,
     BackendUnavailableError,
     CustodyReporter,
+    ImmediateSigner,
     KeyAccessDeniedError,
     KeyBackend,
     KeyNotFoundError,
+    OwnSigningThread,
     ResolvedKey,
     backend_class,
     scheme_of,
@@ -46,6 +49,11 @@ class SigningKey:
         assertion_header: base64url JOSE header of a client assertion
             ``{"alg", "typ": "client-authentication+jwt", "kid"}``.
         dpop_header: base64url JOSE header of a DPoP proof ``{"alg", "typ": "dpop+jwt", "jwk"}``.
+        executor: where its signatures run off the event loop when the backend has a
+            thread of its own (:class:`~.backends.base.OwnSigningThread`); None: the
+            service's pool.
+        signs_on_event_loop: the backend may sign on the caller's thread when it can do so
+            without waiting (:class:`~.backends.base.ImmediateSigner`, opted in).
     """
 
     name: str
@@ -56,6 +64,8 @@ class SigningKey:
     kid: str
     assertion_header: str
     dpop_header: str
+    executor: Executor | None = field(default=None, repr=False, compare=False)
+    signs_on_event_loop: bool = False
 
     @property
     def published_jwk(self) -> dict[str, str]:
@@ -66,6 +76,18 @@ class SigningKey:
         """Sign with this key's backend and alg, within ``deadline`` (``time.monotonic()``
         seconds; None: no deadline); raises backend errors."""
         return self.backend.sign(self.resolved, self.alg, signing_input, deadline=deadline)
+
+    def sign_now(self, signing_input: bytes) -> bytes | None:
+        """Sign on this thread if the backend can without waiting; None when it cannot (then
+        use :meth:`sign` on :attr:`executor`). Only for keys with ``signs_on_event_loop``."""
+        return self.backend.sign_now(self.resolved, self.alg, signing_input)  # type: ignore[attr-defined]
+
+    @classmethod
+    def _capabilities(cls, backend: KeyBackend) -> dict[str, Any]:
+        return {
+            "executor": backend.sign_executor if isinstance(backend, OwnSigningThread) else None,
+            "signs_on_event_loop": isinstance(backend, ImmediateSigner) and bool(backend.sign_on_event_loop),
+        }
 
 
 def make_signing_key(name: str, alg_name: str, backend: KeyBackend, resolved: ResolvedKey) -> SigningKey:
@@ -88,6 +110,7 @@ def make_signing_key(name: str, alg_name: str, backend: KeyBackend, resolved: Re
         kid=kid,
         assertion_header=json_b64({"alg": alg.name, "typ": ASSERTION_TYP, "kid": kid}),
         dpop_header=json_b64({"alg": alg.name, "typ": DPOP_TYP, "jwk": jwk}),
+        **SigningKey._capabilities(backend),
     )
 
 
@@ -97,7 +120,7 @@ def build_backends(settings: Settings) -> dict[str, KeyBackend]:
     for key in settings.keys.values():
         scheme = scheme_of(key.uri)
         if scheme not in backends:
-            options = getattr(settings.backends, scheme)
+            options = settings.backends.configured[scheme]
             backends[scheme] = backend_class(scheme)(**options.model_dump())
     return backends
 
@@ -144,6 +167,14 @@ class KeySlot:
         self.error: str | None = "not resolved yet"
         self.next_attempt = 0.0  # time.monotonic() of the next resolution attempt
         self._backoff = 1.0
+
+    @classmethod
+    def holding(cls, key: SigningKey) -> KeySlot:
+        """A slot that already holds ``key`` (the in-process signers of ``keys register``
+        and ``check``, which resolve their keys themselves)."""
+        slot = cls(key.name, KeySettings(uri=key.resolved.uri, alg=key.alg.name), key.backend)
+        slot.key, slot.error = key, None
+        return slot
 
     def try_resolve(self, now: float) -> bool:
         """Resolve the key; True when it is available. Transient failures schedule the next

@@ -23,21 +23,12 @@ import grpc
 
 from helseid_signer_client import ClientAssertion, ClientProfile, DpopProof, SignerError, access_token_sha256
 
+from . import signing
 from .backends.base import BackendError
-from .claims import (
-    RequestError,
-    assertion_details,
-    build_assertion_claims,
-    build_proof_claims,
-    check_access_token_sha256,
-    check_htm,
-    check_nonce,
-    new_jti,
-)
 from .config import ProfileSettings
+from .errors import RequestError, refusal
+from .htu import HtuPolicy
 from .keys import SigningKey
-from .policy import HtuPolicy
-from .service import sign_compact
 
 #: Seconds each signature may take (the service takes the caller's gRPC deadline instead).
 SIGN_TIMEOUT = 10.0
@@ -53,6 +44,10 @@ class LocalSigner:
         dpop_key: the key that signs DPoP proofs (resolved).
         htu_policy: the URLs proofs may name.
         clock: current time in seconds since the epoch.
+
+    Errors: :class:`~helseid_signer_client.SignerError` with the status the service would
+    answer (:func:`~.errors.refusal`); a backend failure carries the backend's own text,
+    since the caller here is the operator.
     """
 
     def __init__(
@@ -65,10 +60,7 @@ class LocalSigner:
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.name = name
-        self.settings = settings
-        self.assertion_key = assertion_key
-        self.dpop_key = dpop_key
-        self.htu_policy = htu_policy
+        self.profile = signing.Profile.with_keys(name, settings, assertion_key, dpop_key, htu_policy)
         self._clock = clock
 
     def _check_profile(self, profile: str) -> None:
@@ -76,26 +68,14 @@ class LocalSigner:
             raise SignerError(grpc.StatusCode.PERMISSION_DENIED, "profile: is not a profile this caller may use")
 
     @staticmethod
-    def _sign(key: SigningKey, header_b64: str, claims: dict) -> str:
-        try:
-            return sign_compact(key, header_b64, claims, time.monotonic() + SIGN_TIMEOUT)
-        except BackendError as exc:
-            raise SignerError(grpc.StatusCode[exc.grpc_code], str(exc)) from exc
+    def _failed(exc: RequestError | BackendError) -> SignerError:
+        answer = refusal(exc)
+        return SignerError(grpc.StatusCode[answer.code], answer.message)
 
     def get_client_profile(self, profile: str) -> ClientProfile:
         """What GetClientProfile would answer for the profile."""
         self._check_profile(profile)
-        s = self.settings
-        return ClientProfile(
-            client_id=s.client_id,
-            issuer=s.issuer,
-            token_endpoint=s.effective_token_endpoint,
-            assertion_alg=self.assertion_key.alg.name,
-            assertion_kid=self.assertion_key.kid,
-            dpop_alg=self.dpop_key.alg.name,
-            dpop_jkt=self.dpop_key.kid,
-            assertion_lifetime_seconds=s.assertion_lifetime,
-        )
+        return signing.profile_info(self.profile, self._clock())
 
     def sign_client_assertion(
         self,
@@ -106,22 +86,15 @@ class LocalSigner:
     ) -> ClientAssertion:
         """A fresh client assertion (see SignerClient.sign_client_assertion)."""
         self._check_profile(profile)
-        s = self.settings
         try:
-            details = assertion_details(
-                s.tenancy,
-                s.allowed_organization_numbers,
-                parent_organization_number or "",
-                child_organization_number or "",
+            signable = signing.client_assertion(
+                self.profile, parent_organization_number or "", child_organization_number or "", int(self._clock()), {}
             )
-        except RequestError as exc:
-            raise SignerError(grpc.StatusCode[exc.code], str(exc)) from None
-        now = int(self._clock())
-        jti = new_jti()
-        claims = build_assertion_claims(s, now, jti, details)
-        key = self.assertion_key
-        jwt = self._sign(key, key.assertion_header, claims)
-        return ClientAssertion(jwt, key.kid, key.alg.name, jti, now, claims["exp"])
+            jwt = signing.sign(signable, time.monotonic() + SIGN_TIMEOUT)
+        except (RequestError, BackendError) as exc:
+            raise self._failed(exc) from exc
+        key = signable.key
+        return ClientAssertion(jwt, key.kid, key.alg.name, signable.jti, signable.issued_at, signable.expires_at)
 
     def sign_dpop_proof(
         self,
@@ -134,16 +107,11 @@ class LocalSigner:
     ) -> DpopProof:
         """A fresh DPoP proof for one request (see SignerClient.sign_dpop_proof)."""
         self._check_profile(profile)
+        digest = access_token_sha256(access_token) if access_token else b""
         try:
-            method = check_htm(htm)
-            canonical = self.htu_policy.check(htu)
-            checked_nonce = check_nonce(nonce or "")
-            ath = check_access_token_sha256(access_token_sha256(access_token) if access_token else b"")
-        except RequestError as exc:
-            raise SignerError(grpc.StatusCode[exc.code], str(exc)) from None
-        now = int(self._clock())
-        jti = new_jti()
-        claims = build_proof_claims(jti, method, canonical, now, checked_nonce, ath)
-        key = self.dpop_key
-        jwt = self._sign(key, key.dpop_header, claims)
-        return DpopProof(jwt, key.kid, key.alg.name, jti, now, canonical)
+            signable = signing.dpop_proof(self.profile, htm, htu, nonce or "", digest, int(self._clock()), {})
+            jwt = signing.sign(signable, time.monotonic() + SIGN_TIMEOUT)
+        except (RequestError, BackendError) as exc:
+            raise self._failed(exc) from exc
+        key = signable.key
+        return DpopProof(jwt, key.kid, key.alg.name, signable.jti, signable.issued_at, signable.htu)

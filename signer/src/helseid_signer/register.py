@@ -38,9 +38,9 @@ import httpx
 from helseid_signer_client import DiscoveryError, DPoPAuth, SignerError, TokenClient, TokenError
 
 from .config import Settings
+from .htu import HtuPolicy
 from .keys import KeySlot, SigningKey
 from .local_signer import LocalSigner
-from .policy import HtuPolicy
 from .rotation import (
     EXPIRY_WARNING_DAYS,
     RegistrationRecord,
@@ -49,7 +49,7 @@ from .rotation import (
     utc_text,
     write_record,
 )
-from .server import Runtime, build_runtime
+from .runtime import Runtime, build_runtime
 
 log = logging.getLogger("helseid_signer.register")
 CLIENT_SECRET_PATH = "/v1/client-secret"
@@ -86,7 +86,7 @@ def shown_uri(uri: str) -> str:
 
 @contextlib.contextmanager
 def opened_runtime(settings: Settings, profiles: Iterable[str] | None = None) -> Iterator[Runtime]:
-    """The service's own :func:`~.server.build_runtime` for ``profiles`` (all when None):
+    """The service's own :func:`~.runtime.build_runtime` for ``profiles`` (all when None):
     only their keys are resolved, so a backend no chosen profile uses is never contacted.
     Backends are closed on exit."""
     if profiles is not None:

@@ -57,7 +57,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeoutError
 from dataclasses import dataclass
-from typing import Any, ClassVar, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
 import boto3
 from botocore.config import Config
@@ -73,10 +73,12 @@ from botocore.exceptions import (
 )
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.hazmat.primitives.serialization import load_der_public_key
+from pydantic import Field, field_validator
 
 from .. import metrics
 from ..algorithms import P256, P384, P521, Algorithm, AlgorithmError, Curve, KeyType, PublicKey
 from ..jwt import der_to_raw
+from ..settings_types import BackendSettings, check_endpoint_url
 from .base import (
     KEY_SPECS,
     BackendConfigError,
@@ -234,6 +236,29 @@ class _Call:
         return self.abandoned or (self.deadline is not None and time.monotonic() >= self.deadline)
 
 
+class AwsKmsSettings(BackendSettings):
+    """``[backends.awskms]``: the AWS KMS client. Credentials never stand here: boto3's
+    standard chain finds them (environment, profile, instance or pod role). ``region``
+    defaults to that chain's (``AWS_DEFAULT_REGION``, the profile), then ``AWS_REGION``;
+    ``endpoint_url``: a VPC interface endpoint or a local test endpoint (https; http only
+    on loopback). ``retry_mode`` and
+    ``max_attempts`` (first attempt included) drive botocore's retries, always bounded by
+    the caller's deadline; timeouts are seconds per attempt. See docs/backends/aws-kms.md.
+    """
+
+    region: Annotated[str, Field(pattern=r"^[a-z]{2}(-[a-z]+)+-[0-9]+$")] | None = None
+    endpoint_url: str | None = None
+    retry_mode: Literal["standard", "adaptive"] = "standard"
+    max_attempts: Annotated[int, Field(ge=1, le=10, strict=True)] = 3
+    connect_timeout: Annotated[float, Field(gt=0, le=60)] = 2.0
+    read_timeout: Annotated[float, Field(gt=0, le=60)] = 5.0
+
+    @field_validator("endpoint_url")
+    @classmethod
+    def _endpoint(cls, value: str | None) -> str | None:
+        return None if value is None else check_endpoint_url(value)
+
+
 class AwsKmsBackend:
     """Keys in AWS KMS. See the module docstring for references, pinning, algorithms, errors.
 
@@ -252,6 +277,7 @@ class AwsKmsBackend:
     """
 
     scheme: ClassVar[str] = "awskms"
+    Settings: ClassVar[type[BackendSettings]] = AwsKmsSettings
 
     def __init__(
         self,

@@ -47,7 +47,7 @@ import re
 import threading
 import time
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal
 from urllib.parse import urlsplit
 
 from azure.core.exceptions import (
@@ -63,11 +63,11 @@ from azure.core.pipeline.policies import CustomHookPolicy, RetryPolicy
 from azure.keyvault.keys import KeyClient, KeyVaultKey
 from azure.keyvault.keys.crypto import CryptographyClient, SignatureAlgorithm
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
-from pydantic import ValidationError
+from pydantic import ValidationError, model_validator
 
 from .. import metrics
 from ..algorithms import CURVES, Algorithm, AlgorithmError, KeyType, PublicKey, check_key_fits
-from ..config import AzureKvSettings
+from ..settings_types import BackendSettings, Bool, ConfigPath
 from .base import (
     KEY_SPECS,
     BackendConfigError,
@@ -276,10 +276,44 @@ class DeadlineTimeoutPolicy(CustomHookPolicy):
         options["read_timeout"] = min(options.get("read_timeout", READ_TIMEOUT_S), left)
 
 
+class AzureKvSettings(BackendSettings):
+    """``[backends.azurekv]``: how the Azure Key Vault backend authenticates and connects.
+
+    ``credential = "default"``: azure-identity's DefaultAzureCredential (workload identity,
+    managed identity, environment, Azure CLI). ``"certificate"``: a service principal's
+    client certificate for on-premises hosts (``tenant_id``, ``client_id``,
+    ``certificate_path``: PEM or PKCS#12 holding the private key; a password, if any, from
+    the environment variable ``certificate_password_env``). ``ca_bundle``: PEM CAs to trust
+    for the vault's TLS. ``verify_challenge_resource = false`` allows a vault host outside
+    the Azure Key Vault domains (tests). ``hsm_keys``: ``keys create`` makes RSA-HSM/EC-HSM
+    keys (always so in a Managed HSM). See docs/backends/azure-key-vault.md.
+    """
+
+    credential: Literal["default", "certificate"] = "default"
+    tenant_id: str | None = None
+    client_id: str | None = None
+    certificate_path: ConfigPath | None = None
+    certificate_password_env: str | None = None
+    ca_bundle: ConfigPath | None = None
+    verify_challenge_resource: Bool = True
+    hsm_keys: Bool = False
+
+    @model_validator(mode="after")
+    def _credential_fields(self) -> AzureKvSettings:
+        needed = ("tenant_id", "client_id", "certificate_path")
+        if self.credential == "certificate":
+            missing = [f for f in needed if not getattr(self, f)]
+            if missing:
+                raise ValueError(f"credential = 'certificate' needs {', '.join(missing)}")
+        elif any(getattr(self, f) for f in (*needed, "certificate_password_env")):
+            raise ValueError(f"{', '.join(needed)} and certificate_password_env need credential = 'certificate'")
+        return self
+
+
 class AzureKvBackend:
     """Keys in Azure Key Vault or a Managed HSM. See the module docstring.
 
-    Keyword args are the fields of :class:`~helseid_signer.config.AzureKvSettings`
+    Keyword args are the fields of :class:`AzureKvSettings`
     (``[backends.azurekv]``), plus ``token_credential``: an object with ``get_token`` to
     use instead of the configured credential (tests, or an embedding application).
 
@@ -287,6 +321,7 @@ class AzureKvBackend:
     """
 
     scheme: ClassVar[str] = "azurekv"
+    Settings: ClassVar[type[BackendSettings]] = AzureKvSettings
 
     def __init__(self, *, token_credential: Any = None, **settings: Any) -> None:
         try:

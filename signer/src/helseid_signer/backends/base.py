@@ -15,6 +15,7 @@ with ``isinstance``. Modelled on smallstep ``crypto/kms/apiv1``.
 from __future__ import annotations
 
 import importlib
+from concurrent.futures import Executor
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Protocol, runtime_checkable
 
@@ -24,31 +25,38 @@ from ..algorithms import Algorithm, PublicKey
 class BackendError(Exception):
     """Base of all backend errors. ``grpc_code`` names the gRPC status it maps to."""
 
+    #: The gRPC status a caller gets (:func:`helseid_signer.errors.refusal`).
     grpc_code: ClassVar[str] = "INTERNAL"
+    #: What the caller is told; the error's own text stays in the log and audit record.
+    summary: ClassVar[str] = "the key store failed"
 
 
 class BackendConfigError(BackendError):
     """The backend's configuration or a key reference is wrong; start-up stops."""
 
     grpc_code = "FAILED_PRECONDITION"
+    summary = "the key store configuration is wrong"
 
 
 class KeyNotFoundError(BackendError):
     """The key reference names no key in the backend."""
 
     grpc_code = "UNAVAILABLE"
+    summary = "the signing key is not available in its key store"
 
 
 class BackendUnavailableError(BackendError):
     """The backend cannot be reached or has lost its state; retrying later may work."""
 
     grpc_code = "UNAVAILABLE"
+    summary = "the signing key or its key store is not available"
 
 
 class BackendThrottledError(BackendError):
     """The backend throttled the request and bounded retries did not get through."""
 
     grpc_code = "RESOURCE_EXHAUSTED"
+    summary = "the key store is throttling requests; retry later"
 
 
 class KeyReplacedError(BackendError):
@@ -57,12 +65,14 @@ class KeyReplacedError(BackendError):
     configuration changes (an operator must act)."""
 
     grpc_code = "FAILED_PRECONDITION"
+    summary = "the signing key in the key store was replaced; the signer will not sign with it"
 
 
 class KeyAccessDeniedError(BackendError):
     """The service lacks rights to the key, or the key is disabled."""
 
     grpc_code = "FAILED_PRECONDITION"
+    summary = "the key store refused to sign (the key is disabled, or the signer lacks rights to it)"
 
 
 @dataclass(frozen=True)
@@ -164,16 +174,61 @@ class DriftReporter(Protocol):
         ...
 
 
-#: URI scheme -> "module:Class" of the backend; imported only when a key uses it, so the
-#: cloud SDKs need not be installed where they are not used.
-REGISTRY: dict[str, str] = {
-    "pkcs11": "helseid_signer.backends.pkcs11:Pkcs11Backend",
-    "azurekv": "helseid_signer.backends.azure_kv:AzureKvBackend",
-    "awskms": "helseid_signer.backends.aws_kms:AwsKmsBackend",
-}
+@runtime_checkable
+class OwnSigningThread(Protocol):
+    """Optional: the backend's signatures must run on an executor of its own (PKCS#11: one
+    thread per module, since every Cryptoki call into a module is serialised anyway). The
+    service hands each signature there instead of to its shared pool."""
 
-#: The pip extra that brings each backend's SDK (signer/pyproject.toml).
-EXTRAS = {"pkcs11": "pkcs11", "awskms": "aws", "azurekv": "azure"}
+    @property
+    def sign_executor(self) -> Executor:
+        """The executor that runs this backend's :meth:`KeyBackend.sign` calls."""
+        ...
+
+
+@runtime_checkable
+class ImmediateSigner(Protocol):
+    """Optional: the backend can sign on the caller's thread (the service's event loop) when
+    that cannot wait on anything - opted in by ``sign_on_event_loop`` (PKCS#11; see
+    docs/security.md, "Where signatures run")."""
+
+    sign_on_event_loop: bool
+
+    def sign_now(self, key: ResolvedKey, alg: Algorithm, signing_input: bytes) -> bytes | None:
+        """The JOSE signature at once, or None when signing might wait (a held lock, a
+        recovery): the caller then uses :meth:`KeyBackend.sign` on the signing thread."""
+        ...
+
+
+@runtime_checkable
+class Prober(Protocol):
+    """Optional: the backend's own health probe (PKCS#11 signs a fixed input with each
+    resolved key, recovering a lost token). Without it the server probes with
+    :meth:`KeyBackend.health` and, when that says no, one real signature."""
+
+    def probe(self) -> bool:
+        """True when every resolved key of the backend can sign now."""
+        ...
+
+
+@dataclass(frozen=True)
+class Registration:
+    """Where a backend lives: ``target`` is ``"module:Class"`` (a :class:`KeyBackend` with a
+    ``Settings`` class attribute, the pydantic model of its ``[backends.SCHEME]`` table);
+    ``extra`` the pip extra of ``helseid-signer`` that brings its SDK."""
+
+    target: str
+    extra: str
+
+
+#: URI scheme -> the backend. Imported only when a configured key or ``[backends.SCHEME]``
+#: table uses it, so the cloud SDKs need not be installed where they are not used. A new
+#: backend is its module, one line here, and its docs (docs/design.md, "The backend seam").
+REGISTRY: dict[str, Registration] = {
+    "pkcs11": Registration("helseid_signer.backends.pkcs11:Pkcs11Backend", extra="pkcs11"),
+    "azurekv": Registration("helseid_signer.backends.azure_kv:AzureKvBackend", extra="azure"),
+    "awskms": Registration("helseid_signer.backends.aws_kms:AwsKmsBackend", extra="aws"),
+}
 
 KEY_SPECS = ("RSA-2048", "RSA-3072", "RSA-4096", "EC-P256", "EC-P384", "EC-P521")
 
@@ -188,12 +243,13 @@ def scheme_of(uri: str) -> str:
 
 def backend_class(scheme: str) -> type:
     """Import and return the backend class registered for ``scheme``."""
-    module_name, _, class_name = REGISTRY[scheme].partition(":")
+    registration = REGISTRY[scheme]
+    module_name, _, class_name = registration.target.partition(":")
     try:
         module = importlib.import_module(module_name)
     except ImportError as exc:  # an optional extra is not installed
         raise BackendConfigError(
             f"backend {scheme!r} needs an extra that is not installed: "
-            f"pip install 'helseid-signer[{EXTRAS.get(scheme, scheme)}]' ({exc})"
+            f"pip install 'helseid-signer[{registration.extra}]' ({exc})"
         ) from exc
     return getattr(module, class_name)

@@ -56,9 +56,11 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from pkcs11 import MGF, Attribute, KeyType, Mechanism, ObjectClass
 from pkcs11.exceptions import PKCS11Error
 from pkcs11.util.ec import encode_named_curve_parameters
+from pydantic import model_validator
 
 from .. import metrics
 from ..algorithms import ALGORITHMS, CURVES, CURVES_BY_OID, Algorithm, Padding, PublicKey
+from ..settings_types import BackendSettings, Bool, ConfigPath
 from .base import (
     KEY_SPECS,
     BackendConfigError,
@@ -280,6 +282,35 @@ class _KeyHandle:
     replaced: bool = False  # the object now holds another public key (only the probe re-checks)
 
 
+#: Logged at start-up and reported by ``check`` when ``sign_on_event_loop`` is on.
+SIGN_ON_EVENT_LOOP_WARNING = (
+    "backends.pkcs11.sign_on_event_loop: on; while a Cryptoki call runs this worker answers nothing else "
+    "(health checks included) - a network HSM, a hung token or a SoftHSM token store locked by another "
+    "process stalls it (docs/security.md, 'Where signatures run')"
+)
+
+
+class Pkcs11Settings(BackendSettings):
+    """``[backends.pkcs11]``: the PKCS#11 module and where its user PIN comes from."""
+
+    module: str
+    pin_env: str | None = None
+    pin_file: ConfigPath | None = None
+    #: Sign on the worker's event loop when the module is idle (docs/configuration.md):
+    #: faster for modules that compute in the process, a stall risk for network HSMs.
+    sign_on_event_loop: Bool = False
+
+    @model_validator(mode="after")
+    def _one_pin_source(self) -> Pkcs11Settings:
+        if not self.pin_env and not self.pin_file:
+            raise ValueError("set pin_env (an environment variable name) or pin_file (a path)")
+        return self
+
+    def warnings(self) -> tuple[str, ...]:
+        """:data:`SIGN_ON_EVENT_LOOP_WARNING` when ``sign_on_event_loop`` is on."""
+        return (SIGN_ON_EVENT_LOOP_WARNING,) if self.sign_on_event_loop else ()
+
+
 class Pkcs11Backend:
     """Keys in a PKCS#11 token. See the module docstring for mechanisms and locking.
 
@@ -296,6 +327,7 @@ class Pkcs11Backend:
     """
 
     scheme: ClassVar[str] = "pkcs11"
+    Settings: ClassVar[type[BackendSettings]] = Pkcs11Settings
 
     def __init__(
         self,
