@@ -14,9 +14,10 @@ from pathlib import Path
 
 import grpc
 import pytest
-from jwcrypto import jwk, jws
+from jwcrypto import jwk
 
 from helseid_signer_client import SignerClient, SignerError
+from tests.support.jose_verify import verified_claims as _verify
 from tests.support.pki import CertificateAuthority
 from tests.support.signer_proc import running_signer
 from tests.support.signerkit import keys_create, write_config
@@ -90,11 +91,6 @@ def _client(world, name: str, ca_path: Path | None = None) -> SignerClient:
 def _audit(world) -> list[dict]:
     return [json.loads(line) for line in world["audit"].read_text().splitlines()]
 
-
-def _verify(token: str, key: jwk.JWK) -> dict:
-    obj = jws.JWS()
-    obj.deserialize(token, key=key)
-    return json.loads(obj.payload)
 
 
 def test_each_application_gets_only_its_own_profile(world):

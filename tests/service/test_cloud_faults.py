@@ -15,23 +15,19 @@ import boto3
 import grpc
 import pytest
 from cryptography.hazmat.primitives.serialization import load_der_public_key
-from jwcrypto import jwk, jws
+from jwcrypto import jwk
 
 from helseid_signer.audit import verify_lines
 from helseid_signer_client import SignerClient, SignerError
 from tests.support.azure_kv_standin import running_standin
 from tests.support.health import NOT_SERVING, SERVING, health, wait_health
+from tests.support.jose_verify import verified_header as _verify
 from tests.support.kms_endpoint import TEST_AWS_ENV, TEST_REGION, aws_test_environment, running_kms_endpoint
 from tests.support.signer_proc import running_signer, sighup_and_wait
 from tests.support.tcp_proxy import TcpProxy
 
 ISSUER = "https://helseid-sts.test.nhn.no"
 
-
-def _verify(token: str, key: jwk.JWK) -> dict:
-    obj = jws.JWS()
-    obj.deserialize(token, key=key)
-    return obj.jose_header
 
 
 def _config(path, backend_lines: list[str], uri: str, alg: str) -> None:

@@ -14,24 +14,16 @@ from pathlib import Path
 import grpc
 import pytest
 from cryptography.hazmat.primitives.asymmetric import ec
-from jwcrypto import jwk, jws
 
 from helseid_signer_client import SignerError
 from tests.support.health import NOT_SERVING, SERVING, health, wait_health
+from tests.support.jose_verify import verifies as _verifies
 from tests.support.signer_proc import plain_client, running_signer, sighup_and_wait
 from tests.support.signerkit import write_config
 from tests.support.softhsm import create_token, import_private_key
 
 ISSUER = "https://helseid-sts.test.nhn.no"
 
-
-def _verifies(token: str, key: ec.EllipticCurvePrivateKey) -> bool:
-    obj = jws.JWS()
-    try:
-        obj.deserialize(token, key=jwk.JWK.from_pyca(key.public_key()))
-        return True
-    except jws.InvalidJWSSignature:
-        return False
 
 
 def _recreate(folder: Path, key: ec.EllipticCurvePrivateKey) -> None:

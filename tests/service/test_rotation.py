@@ -31,6 +31,7 @@ from jwcrypto import jwk, jws
 
 from helseid_signer.rotation import RegistrationRecord, utc_text, write_record
 from helseid_signer_client import SignerClient
+from tests.support.jose_verify import verified_header as _verify
 from tests.support.signer_proc import running_signer
 from tests.support.signerkit import keys_create, write_config
 from tests.support.softhsm import create_token
@@ -85,12 +86,6 @@ def _write(tmp_path: Path, token, switch_at: str) -> Path:
         server_lines=('listen = "127.0.0.1:0"', "insecure = true", "health_interval = 0.2"),
     )
 
-
-def _verify(token: str, public: dict) -> dict:
-    """The header of ``token`` once jwcrypto verified it with ``public``."""
-    obj = jws.JWS()
-    obj.deserialize(token, key=jwk.JWK(**public))
-    return obj.jose_header
 
 
 def _key_set(signer: SignerClient, profile: str) -> tuple[dict, list[tuple[str, str, int, int]]]:
