@@ -47,6 +47,7 @@ def pki_recipe() -> str:
 
 def sign_client_cert(folder: Path, name: str, ext_lines: list[str]) -> None:
     """Another client certificate from the recipe's callers CA (for the EKU cases)."""
+
     def run(*args: str) -> None:
         subprocess.run(args, cwd=folder, check=True, capture_output=True)
 

@@ -1,4 +1,4 @@
-"""Every ``docs/....md`` a source file or document points at exists.
+"""Every ``docs/<name>.md`` a source file or document points at exists.
 
 Five files once pointed at docs/helseid-profile.md before it was written; this finds any
 such dangling reference in code, tests, scripts, the authorization server, the proto and
@@ -19,7 +19,8 @@ SUFFIXES = {".py", ".md", ".mjs", ".js", ".proto", ".sh", ".toml", ".yaml", ".ym
 
 def tracked_files() -> list[Path]:
     out = subprocess.run(["git", "ls-files"], cwd=ROOT, capture_output=True, text=True, check=True).stdout
-    return [ROOT / line for line in out.splitlines() if Path(line).suffix in SUFFIXES and not line.startswith("contract/")]
+    lines = [line for line in out.splitlines() if not line.startswith("contract/")]
+    return [ROOT / line for line in lines if Path(line).suffix in SUFFIXES]
 
 
 def test_every_referenced_doc_exists():
