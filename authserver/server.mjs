@@ -11,7 +11,7 @@
 //   resource          optional resource indicator the scopes map to (default "urn:nhn:deft");
 //                     it becomes the access token's `aud`
 //
-// Configured like HelseID (see docs/helseid-profile.md): client_credentials only,
+// Configured like HelseID (docs/helseid-profile.md, section 6): client_credentials only,
 // private_key_jwt only, DPoP with server nonces always required, DPoP-bound JWT access
 // tokens carrying cnf.jkt, client assertions with typ client-authentication+jwt and
 // aud = issuer. When ready it prints exactly one JSON line to stdout:
@@ -34,7 +34,7 @@ const ALGS = ['RS256', 'RS384', 'RS512', 'PS256', 'PS384', 'PS512', 'ES256', 'ES
 const CLIENT_ASSERTION_TYP = 'client-authentication+jwt';
 // Duende IdentityServer paths, as HelseID has them; clients must read them from discovery.
 const ROUTES = { token: '/connect/token', jwks: '/.well-known/openid-configuration/jwks' };
-const MAX_ASSERTION_LIFETIME = 60; // seconds between iat and exp (HelseID profile, section 2)
+const MAX_ASSERTION_LIFETIME = 60; // seconds between iat and exp (docs/helseid-profile.md, section 2)
 
 function logLine(obj) {
   process.stderr.write(`${JSON.stringify(obj)}\n`);

@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # Installs everything the demo and the tests need, on a machine that has none of it:
-#   - Debian packages: softhsm2 (the PKCS#11 token for development and tests), nodejs + npm
+#   - Debian packages: softhsm2 (the PKCS#11 token for development and tests), nodejs + npm,
+#     openssl (the mTLS recipe of docs/integration.md is run by the tests)
 #   - .venv/: both distributions (editable) and the test tools, pinned by requirements/constraints.txt
-#   - authserver/node_modules: the pinned npm oidc-provider (package-lock.json)
+#   - authserver/, examples/node-host/, tools/ node_modules: pinned npm packages (package-lock.json):
+#     oidc-provider, @grpc/grpc-js + @grpc/proto-loader, buf
 # Idempotent and quick when nothing changed. A tool that cannot be installed is an error.
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -14,6 +16,7 @@ missing=()
 [ -e /usr/lib/softhsm/libsofthsm2.so ] && command -v softhsm2-util >/dev/null || missing+=(softhsm2)
 command -v node >/dev/null || missing+=(nodejs)
 command -v npm >/dev/null || missing+=(npm)
+command -v openssl >/dev/null || missing+=(openssl)
 python3 -c 'import venv, ensurepip' 2>/dev/null || missing+=(python3-venv)
 if [ ${#missing[@]} -gt 0 ]; then
   say "installing Debian packages: ${missing[*]}"
@@ -21,7 +24,7 @@ if [ ${#missing[@]} -gt 0 ]; then
   $SUDO apt-get update -qq
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 fi
-for tool in softhsm2-util node npm python3; do
+for tool in softhsm2-util node npm openssl python3; do
   command -v "$tool" >/dev/null || { echo "[setup] ERROR: $tool is still missing" >&2; exit 1; }
 done
 node_major=$(node -p 'process.versions.node.split(".")[0]')
@@ -41,11 +44,16 @@ if [ ! -x .venv/bin/python ] || [ "$(cat .venv/.setup-stamp 2>/dev/null)" != "$s
   echo "$stamp_py" > .venv/.setup-stamp
 fi
 
-# 3. The local authorization server (npm oidc-provider, pinned) -----------------
-stamp_npm=$(sha256sum authserver/package-lock.json | cut -c1-16)
-if [ "$(cat authserver/node_modules/.setup-stamp 2>/dev/null)" != "$stamp_npm" ]; then
-  say "installing the pinned npm packages of authserver/"
-  npm ci --prefix authserver --no-audit --no-fund --loglevel=error >/dev/null
-  echo "$stamp_npm" > authserver/node_modules/.setup-stamp
-fi
+# 3. Pinned npm packages (package-lock.json each): the local authorization server
+#    (oidc-provider), the Node example host (@grpc/grpc-js, @grpc/proto-loader) and the
+#    tools CI runs (buf, for proto lint and breaking-change checks) ---------------------
+for dir in authserver examples/node-host tools; do
+  stamp_npm=$(sha256sum "$dir/package-lock.json" | cut -c1-16)
+  if [ "$(cat "$dir/node_modules/.setup-stamp" 2>/dev/null)" != "$stamp_npm" ]; then
+    say "installing the pinned npm packages of $dir/"
+    npm ci --prefix "$dir" --no-audit --no-fund --loglevel=error >/dev/null
+    echo "$stamp_npm" > "$dir/node_modules/.setup-stamp"
+  fi
+done
+tools/node_modules/.bin/buf --version >/dev/null || { echo "[setup] ERROR: buf does not run" >&2; exit 1; }
 say "ready"

@@ -1,7 +1,7 @@
 """Request checks and claim building (helseid_signer.claims); ``htu`` is tests/unit/test_htu.py.
 
 Expected values are written out by hand from RFC 9449 (htu/htm/nonce/ath), RFC 3986 section
-6.2.3 (scheme-based normalisation) and docs/helseid-profile.md section 2 (assertion_details).
+6.2.3 (scheme-based normalisation) and docs/helseid-profile.md section 2.1 (assertion_details).
 """
 
 from __future__ import annotations
@@ -108,7 +108,7 @@ ALLOWED = (PARENT, CHILD)
 
 
 def _expected(system: str, value: str) -> dict:
-    # Typed from docs/helseid-profile.md section 2, then parsed: the exact JSON shape.
+    # Typed from docs/helseid-profile.md section 2.1, then parsed: the exact JSON shape.
     return json.loads(
         '{"type": "helseid_authorization", "practitioner_role": {"organization": {"identifier": '
         f'{{"system": "{system}", "type": "ENH", "value": "{value}"}}}}}}}}'

@@ -3,7 +3,7 @@
 Sources: RFC 6749 section 4.4 (client credentials), RFC 7523 section 2.2 (client
 assertion), RFC 9449 sections 5 and 8 (DPoP at the token endpoint, server nonces),
 RFC 8414 section 3.3 (the discovery ``issuer`` must equal the issuer), HelseID's
-machine-client profile (``../docs/helseid-profile.md`` of the project).
+machine-client profile (``docs/helseid-profile.md`` of the project, sections 1-3).
 
 Flow (:meth:`TokenClient.get_token`):
 
