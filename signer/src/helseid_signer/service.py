@@ -153,7 +153,11 @@ _BACKEND_SUMMARIES: tuple[tuple[type[BackendError], str], ...] = (
     (KeyNotFoundError, "the signing key is not available in its key store"),
     (KeyReplacedError, "the signing key in the key store was replaced; the signer will not sign with it"),
     (BackendThrottledError, "the key store is throttling requests; retry later"),
-    (KeyAccessDeniedError, "the key store refused to sign (the key is disabled, or the signer lacks rights to it)"),
+    (
+        KeyAccessDeniedError,
+        "the key store refused to sign (the key is disabled, expired or being deleted, or the signer lacks rights "
+        "or network access to it)",
+    ),
     (BackendConfigError, "the key store configuration is wrong"),
     (BackendUnavailableError, "the signing key or its key store is not available"),
 )

@@ -60,7 +60,9 @@ class KeyReplacedError(BackendError):
 
 
 class KeyAccessDeniedError(BackendError):
-    """The service lacks rights to the key, or the key is disabled."""
+    """The key store refuses the key to this service until an operator acts: no rights (a
+    role, a key or access policy, a firewall rule), or the key cannot sign in its state
+    (disabled, outside its validity window, pending deletion, key_ops without sign)."""
 
     grpc_code = "FAILED_PRECONDITION"
 
