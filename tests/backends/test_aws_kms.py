@@ -457,7 +457,9 @@ def test_the_endpoint_answers_kms_errors_in_the_services_wire_shape(kms, endpoin
         ("throttle", BackendThrottledError, "RESOURCE_EXHAUSTED", ("ThrottlingException",), 3),
     ],
 )
-def test_each_kms_refusal_maps_to_its_status_and_names_its_cause(kms, make_backend, setup, error, grpc_code, words, attempts):
+def test_each_kms_refusal_maps_to_its_status_and_names_its_cause(
+    kms, make_backend, setup, error, grpc_code, words, attempts
+):
     """Through the real botocore (its error parsing and its retry machinery: 500s and
     throttling are retried, 4xx refusals are not)."""
     b = make_backend(max_attempts=3)

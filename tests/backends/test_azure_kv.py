@@ -736,7 +736,8 @@ def test_standin_refuses_sign_outside_the_window_but_still_answers_get(standin):
         assert status == 200 and {k: bundle["attributes"][k] for k in attributes} == attributes
         version = bundle["key"]["kid"].rsplit("/", 1)[1]
         digest = hashlib.sha256(b"data").digest()
-        status, reply = rest_call(standin, "POST", f"/keys/{name}/{version}/sign", {"alg": "ES256", "value": b64url(digest)})
+        request = {"alg": "ES256", "value": b64url(digest)}
+        status, reply = rest_call(standin, "POST", f"/keys/{name}/{version}/sign", request)
         assert status == 403 and reply["error"]["code"] == "Forbidden", reply
 
 
@@ -756,7 +757,8 @@ def test_standin_answers_403_with_the_inner_codes_real_vaults_send(standin):
     standin.set_enabled(disabled, version, False)
     status, reply = rest_call(standin, "POST", f"/keys/{disabled}/{version}/sign", {"alg": "ES256", "value": digest})
     assert (status, reply["error"]["innererror"]["code"]) == (403, "KeyDisabled")
-    for reason, inner in (("rbac", "ForbiddenByRbac"), ("policy", "ForbiddenByPolicy"), ("firewall", "ForbiddenByFirewall")):
+    reasons = (("rbac", "ForbiddenByRbac"), ("policy", "ForbiddenByPolicy"), ("firewall", "ForbiddenByFirewall"))
+    for reason, inner in reasons:
         standin.deny(1, operations=("get",), reason=reason)
         status, reply = rest_call(standin, "GET", f"/keys/{disabled}")
         assert (status, reply["error"]["code"], reply["error"]["innererror"]["code"]) == (403, "Forbidden", inner)
@@ -906,7 +908,8 @@ def test_bare_429s_past_the_deadline_are_resource_exhausted_in_time(standin, bac
     with pytest.raises(BackendThrottledError):
         backend.sign(resolved, ALGORITHMS["ES256"], b"data", deadline=start + 2.0)
     assert time.monotonic() - start < 2.0 + SLACK_S
-    assert len(standin.requests_for("sign")[before:]) == 2, "at 0 s and after 1-1.25 s; 2 s more would pass the deadline"
+    sent = standin.requests_for("sign")[before:]
+    assert len(sent) == 2, "at 0 s and after 1-1.25 s; waiting 2 s more would pass the deadline"
 
 
 def test_keys_create_waits_out_bare_429s(standin):
@@ -957,7 +960,8 @@ def test_standin_in_managed_hsm_mode_answers_as_a_managed_hsm(hsm_standin):
     assert "hsmPlatform" not in bundle["attributes"]
     version = bundle["key"]["kid"].rsplit("/", 1)[1]
     digest = hashlib.sha512(b"data").digest()
-    status, signed = rest_call(hsm_standin, "POST", f"/keys/hsm/{version}/sign", {"alg": "ES512", "value": b64url(digest)})
+    request = {"alg": "ES512", "value": b64url(digest)}
+    status, signed = rest_call(hsm_standin, "POST", f"/keys/hsm/{version}/sign", request)
     assert status == 200 and signed["alg"] == "ES512" and len(b64url_decode(signed["value"])) == 132
 
 

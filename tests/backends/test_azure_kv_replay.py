@@ -154,9 +154,8 @@ def test_p521_key_and_es512_signature_come_through_at_full_width(recording, hsm)
     assert sent["alg"] == "ES512" and b64d(sent["value"]) == hashlib.sha512(b"header.payload").digest()
     # ... and what it returned is the vault's signature, valid over the recorded digest.
     r, s = int.from_bytes(signature[:66], "big"), int.from_bytes(signature[66:], "big")
-    resolved.public_key.verify(
-        utils.encode_dss_signature(r, s), b64d(sign["request_body"]["value"]), ec.ECDSA(utils.Prehashed(hashes.SHA512()))
-    )
+    prehashed = ec.ECDSA(utils.Prehashed(hashes.SHA512()))
+    resolved.public_key.verify(utils.encode_dss_signature(r, s), b64d(sign["request_body"]["value"]), prehashed)
     resource = "https://managedhsm.azure.net" if hsm else "https://vault.azure.net"
     assert credential.scopes[0] == (resource + "/.default",)
     assert backend.custody_warning(resolved) == (

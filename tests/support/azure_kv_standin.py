@@ -558,7 +558,9 @@ class KeyVaultStandIn:
             raise _Error(403, "Forbidden", "Operation sign is not allowed on a key that is not yet valid.",
                          inner="KeyNotYetValid")  # fmt: skip
         if "sign" not in v.key_ops:
-            raise _Error(403, "Forbidden", "Operation sign is not permitted on this key.", inner="KeyOperationForbidden")
+            raise _Error(
+                403, "Forbidden", "Operation sign is not permitted on this key.", inner="KeyOperationForbidden"
+            )
         if len(digest) != digest_len:
             raise _Error(400, "BadParameter", f"Invalid digest length {len(digest)} for algorithm {alg}")
         prehashed = utils.Prehashed(hash_cls())

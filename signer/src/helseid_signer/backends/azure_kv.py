@@ -737,7 +737,9 @@ class AzureKvBackend:
                 specific = FORBIDDEN_HINTS.get(inner or "")
                 if specific is not None:
                     text = specific(create, hsm) if callable(specific) else specific
-                    return KeyAccessDeniedError(f"{what}: the vault refused (HTTP 403, {inner}): {text}. Vault said: {detail}")
+                    return KeyAccessDeniedError(
+                        f"{what}: the vault refused (HTTP 403, {inner}): {text}. Vault said: {detail}"
+                    )
                 return KeyAccessDeniedError(f"{what}: access denied (HTTP 403): {hint}. Vault said: {detail}")
             if status == 401:
                 return KeyAccessDeniedError(
@@ -824,7 +826,9 @@ def _inner_code(exc: HttpResponseError) -> str | None:
     return str(code) if code else None
 
 
-def _window_problem(not_before: datetime | None, expires_on: datetime | None, now: datetime | None = None) -> str | None:
+def _window_problem(
+    not_before: datetime | None, expires_on: datetime | None, now: datetime | None = None
+) -> str | None:
     """Why ``now`` is outside a key's validity window (``nbf``/``exp`` attributes), or None."""
     now = now or datetime.now(UTC)
     if expires_on is not None and now >= expires_on:
