@@ -808,6 +808,12 @@ def test_a_key_that_expires_within_the_warning_period_resolves_with_a_warning(st
     b.close()
 
 
+def test_the_validity_warning_period_is_the_rotation_warning_period():
+    from helseid_signer.rotation import EXPIRY_WARNING_DAYS
+
+    assert azure_kv.VALIDITY_WARNING_DAYS == EXPIRY_WARNING_DAYS == 14
+
+
 def test_the_warning_reaches_the_start_up_log(standin, caplog):
     from helseid_signer.config import KeySettings
     from helseid_signer.keys import KeySlot
