@@ -978,3 +978,32 @@ def test_backend_signs_through_the_managed_hsm_standin(hsm_standin):
     verify_jose(resolved.public_key, "ES384", b"signing input", signature)
     assert b.custody_warning(resolved) is None, "an EC-HSM key in a Managed HSM is held as promised"
     b.close()
+
+
+def test_check_warns_of_a_key_that_expires_soon_and_refuses_an_expired_one(standin, tmp_path):
+    """``helseid-signer check`` (the real CLI, DefaultAzureCredential through the stand-in's
+    managed-identity endpoint): the expiry warning and the refusal, each naming the key."""
+    now = int(time.time())
+    soon = new_key(standin, "EC-P256", attributes={"exp": now + 2 * 86400 + 600})
+    gone = new_key(standin, "EC-P256", attributes={"exp": now - 600})
+    config = tmp_path / "check.toml"
+    config.write_text(
+        "\n".join([
+            "[server]", 'listen = "127.0.0.1:0"', "insecure = true", "",
+            "[backends.azurekv]", f'ca_bundle = "{standin.ca_path}"', "verify_challenge_resource = false", "",
+            "[keys.soon]", f'uri = "{ref(standin, soon)}"', 'alg = "ES256"', "",
+            "[keys.gone]", f'uri = "{ref(standin, gone)}"', 'alg = "ES256"', "",
+            "[profiles.p]", 'client_id = "c"', 'issuer = "https://helseid-sts.test.nhn.no"',
+            'assertion_key = "soon"', 'dpop_key = "soon"', "",
+        ])
+    )  # fmt: skip
+    proc = subprocess.run(
+        [sys.executable, "-m", "helseid_signer.cli", "check", "--config", str(config), "--timeout", "3"],
+        env=_cli_env(standin), capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    lines = proc.stdout.splitlines()
+    warnings = [line for line in lines if line.startswith("warning: keys.soon:")]
+    errors = [line for line in lines if line.startswith("error: keys.gone:")]
+    assert warnings and "expires at" in warnings[0] and "2 day(s) left" in warnings[0], proc.stdout
+    assert errors and "expired at" in errors[0] and "exp attribute" in errors[0], proc.stdout
+    assert proc.returncode != 0
