@@ -447,8 +447,9 @@ class AzureKvBackend:
 
     def resolve(self, uri: str, deadline: float | None = None) -> ResolvedKey:
         """Pin ``uri`` to one key version: the named one, or the current one for a
-        versionless reference. Checks the key is enabled, allows ``sign`` and is RSA or EC
-        on P-256/P-384/P-521."""
+        versionless reference. Checks the key is enabled, allows ``sign``, is within its
+        ``nbf``/``exp`` validity window (KeyAccessDeniedError naming the date otherwise) and
+        is RSA or EC on P-256/P-384/P-521."""
         ref = self.parse(uri)
         with self._deadline(deadline):
             try:
@@ -544,9 +545,10 @@ class AzureKvBackend:
         """Sign the digest of ``signing_input`` with the pinned version; JOSE bytes back.
 
         ``deadline``: ``time.monotonic()`` seconds by which the answer is needed; retries
-        (429 with Retry-After, 5xx, connection errors) stop before it. None: the default
-        budget. Raises BackendThrottledError, KeyAccessDeniedError, KeyNotFoundError,
-        BackendUnavailableError.
+        (429 after ``Retry-After`` or Microsoft's 1-2-4-8-16 s back-off, 5xx, connection
+        errors) stop before it. None: the default budget. Raises BackendThrottledError,
+        KeyAccessDeniedError (the vault's 403 reason, or the version's nbf/exp window, named),
+        KeyNotFoundError, BackendUnavailableError.
         """
         handle: _Handle = key.handle
         digest = hashlib.new(alg.hash_name, signing_input).digest()
