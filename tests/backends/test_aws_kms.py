@@ -370,7 +370,7 @@ def test_disabled_key_after_start_up_is_failed_precondition(kms, backend):
     arn, ref = new_key(kms)
     resolved = backend.resolve(ref)
     kms.disable_key(KeyId=key_id(arn))
-    with pytest.raises(KeyAccessDeniedError, match="disabled; enable it") as caught:
+    with pytest.raises(KeyAccessDeniedError, match=r"disabled \(DisabledException\); enable it") as caught:
         backend.sign(resolved, ALGORITHMS["ES256"], b"x")
     assert caught.value.grpc_code == "FAILED_PRECONDITION"
     kms.enable_key(KeyId=key_id(arn))
@@ -382,10 +382,110 @@ def test_disabled_key_after_start_up_is_failed_precondition(kms, backend):
 
 def test_access_denied_is_failed_precondition_with_a_readable_message(kms, backend):
     _, ref = new_key(kms, fault="deny")
-    with pytest.raises(KeyAccessDeniedError, match="denied Sign.*key policy or its IAM policy") as caught:
+    with pytest.raises(KeyAccessDeniedError, match="denied Sign.*the key policy does not allow kms:Sign") as caught:
         backend.sign(backend.resolve(ref), ALGORITHMS["ES256"], b"x")
     assert caught.value.grpc_code == "FAILED_PRECONDITION"
     assert backend.health()  # a per-key refusal says nothing about reaching KMS
+
+
+# Error shapes as the real service sends them (issue 17). Statuses and wording are
+# reconstructed from the AWS KMS API Reference (per-operation Errors and Common Errors);
+# botocore's service model names the shapes. docs/backends/aws-kms.md lists each refusal.
+
+KMS_ERROR_SHAPES = {
+    # fault tag (None: a real key state) -> (HTTP status, __type)
+    "unavailable": (500, "KeyUnavailableException"),
+    "state-PendingImport": (409, "KMSInvalidStateException"),
+    "deny": (400, "AccessDeniedException"),
+    "throttle": (400, "ThrottlingException"),
+}
+
+
+def _raw_sign(endpoint: KmsEndpoint, arn: str) -> tuple[int, dict[str, Any]]:
+    """A Sign request over plain HTTP, without botocore, to see the wire answer itself."""
+    import urllib.error
+    import urllib.request
+
+    body = json.dumps({
+        "KeyId": arn, "Message": base64.b64encode(b"\0" * 32).decode(), "MessageType": "DIGEST",
+        "SigningAlgorithm": "ECDSA_SHA_256",
+    }).encode()  # fmt: skip
+    request = urllib.request.Request(
+        endpoint.url + "/",
+        data=body,
+        method="POST",
+        headers={
+            "Content-Type": "application/x-amz-json-1.1",
+            "X-Amz-Target": "TrentService.Sign",
+            "Authorization": f"AWS4-HMAC-SHA256 Credential=testing/20260101/{TEST_REGION}/kms/aws4_request, "
+            "SignedHeaders=host, Signature=0",
+        },
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=10) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as exc:
+        return exc.code, json.loads(exc.read())
+
+
+def test_the_endpoint_answers_kms_errors_in_the_services_wire_shape(kms, endpoint):
+    """AWS JSON 1.1: the status AWS documents and ``{"__type": <shape>, "message": ...}``."""
+    for fault, (status, shape) in KMS_ERROR_SHAPES.items():
+        arn, _ = new_key(kms, fault=fault)
+        got_status, body = _raw_sign(endpoint, arn)
+        assert (got_status, body.get("__type")) == (status, shape), (fault, got_status, body)
+        assert body.get("message"), body
+    arn, _ = new_key(kms)
+    kms.disable_key(KeyId=key_id(arn))
+    assert _raw_sign(endpoint, arn) == (409, {"__type": "DisabledException", "message": f"{arn} is disabled."})
+    arn, _ = new_key(kms)
+    kms.schedule_key_deletion(KeyId=key_id(arn), PendingWindowInDays=7)
+    assert _raw_sign(endpoint, arn) == (
+        409, {"__type": "KMSInvalidStateException", "message": f"{arn} is pending deletion."}
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("setup", "error", "grpc_code", "words", "attempts"),
+    [
+        ("disable", KeyAccessDeniedError, "FAILED_PRECONDITION", ("DisabledException", "aws kms enable-key"), 1),
+        ("delete", KeyAccessDeniedError, "FAILED_PRECONDITION", ("state PendingDeletion", "cancel-key-deletion"), 1),
+        ("state-PendingImport", KeyAccessDeniedError, "FAILED_PRECONDITION", ("state PendingImport", "import"), 1),
+        ("unavailable", BackendUnavailableError, "UNAVAILABLE", ("KeyUnavailableException", "custom key store"), 3),
+        ("deny", KeyAccessDeniedError, "FAILED_PRECONDITION", ("the key policy does not allow kms:Sign",), 1),
+        ("deny-explicit", KeyAccessDeniedError, "FAILED_PRECONDITION", ("explicit Deny for kms:Sign",), 1),
+        ("throttle", BackendThrottledError, "RESOURCE_EXHAUSTED", ("ThrottlingException",), 3),
+    ],
+)
+def test_each_kms_refusal_maps_to_its_status_and_names_its_cause(
+    kms, make_backend, setup, error, grpc_code, words, attempts
+):
+    """Through the real botocore (its error parsing and its retry machinery: 500s and
+    throttling are retried, 4xx refusals are not)."""
+    b = make_backend(max_attempts=3)
+    fault = None if setup in ("disable", "delete") else setup
+    arn, ref = new_key(kms, fault=fault)
+    resolved = b.resolve(ref)
+    if setup == "disable":
+        kms.disable_key(KeyId=key_id(arn))
+    elif setup == "delete":
+        kms.schedule_key_deletion(KeyId=key_id(arn), PendingWindowInDays=7)
+    with sent_sign_requests(b) as sent, pytest.raises(error) as caught:
+        b.sign(resolved, ALGORITHMS["ES256"], b"x")
+    text = str(caught.value)
+    assert type(caught.value) is error and caught.value.grpc_code == grpc_code, text
+    for word in words:
+        assert word in text, (word, text)
+    if setup != "delete":
+        assert "pending deletion" not in text.lower(), text
+    assert len(sent) == attempts, f"{len(sent)} Sign requests sent"
+
+
+def test_a_key_pending_deletion_at_start_up_names_its_deletion_date(kms, backend):
+    arn, ref = new_key(kms)
+    kms.schedule_key_deletion(KeyId=key_id(arn), PendingWindowInDays=7)
+    with pytest.raises(KeyAccessDeniedError, match="is PendingDeletion \\(deletion date .*cancel-key-deletion"):
+        backend.resolve(ref)
 
 
 def test_throttling_is_retried_then_resource_exhausted(kms, make_backend):

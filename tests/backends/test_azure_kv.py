@@ -722,3 +722,288 @@ def test_custody_warning_names_exportable_and_software_keys(standin, backend):
     assert warning == "private key is exportable (exportable = true: a release policy can release it)"
     signature = backend.sign(exportable, ALGORITHMS["RS256"], b"a.b")
     verify_jose(exportable.public_key, "RS256", b"a.b", signature)
+
+
+# -- what real vaults answer (issue 17): validity window, 403 reasons, bare 429, Managed HSM ------
+# Where each answer's shape comes from is listed in docs/backends/azure-key-vault.md.
+
+
+def test_standin_refuses_sign_outside_the_window_but_still_answers_get(standin):
+    now = int(time.time())
+    for attributes in ({"exp": now - 60}, {"nbf": now + 3600}):
+        name = new_key(standin, "EC-P256", attributes=attributes)
+        status, bundle = rest_call(standin, "GET", f"/keys/{name}")
+        assert status == 200 and {k: bundle["attributes"][k] for k in attributes} == attributes
+        version = bundle["key"]["kid"].rsplit("/", 1)[1]
+        digest = hashlib.sha256(b"data").digest()
+        request = {"alg": "ES256", "value": b64url(digest)}
+        status, reply = rest_call(standin, "POST", f"/keys/{name}/{version}/sign", request)
+        assert status == 403 and reply["error"]["code"] == "Forbidden", reply
+
+
+def test_standin_answers_403_with_the_inner_codes_real_vaults_send(standin):
+    digest = b64url(hashlib.sha256(b"data").digest())
+    verify_only = new_key(standin, "EC-P256", key_ops=["verify"])
+    version = standin.versions(verify_only)[-1].version
+    status, reply = rest_call(standin, "POST", f"/keys/{verify_only}/{version}/sign", {"alg": "ES256", "value": digest})
+    assert status == 403, "a key whose key_ops lack sign is 403 KeyOperationForbidden, not 400"
+    assert reply["error"] == {
+        "code": "Forbidden",
+        "message": "Operation sign is not permitted on this key.",
+        "innererror": {"code": "KeyOperationForbidden"},
+    }
+    disabled = new_key(standin, "EC-P256")
+    version = standin.versions(disabled)[-1].version
+    standin.set_enabled(disabled, version, False)
+    status, reply = rest_call(standin, "POST", f"/keys/{disabled}/{version}/sign", {"alg": "ES256", "value": digest})
+    assert (status, reply["error"]["innererror"]["code"]) == (403, "KeyDisabled")
+    reasons = (("rbac", "ForbiddenByRbac"), ("policy", "ForbiddenByPolicy"), ("firewall", "ForbiddenByFirewall"))
+    for reason, inner in reasons:
+        standin.deny(1, operations=("get",), reason=reason)
+        status, reply = rest_call(standin, "GET", f"/keys/{disabled}")
+        assert (status, reply["error"]["code"], reply["error"]["innererror"]["code"]) == (403, "Forbidden", inner)
+
+
+def test_standin_throttles_without_retry_after_by_default(standin):
+    import http.client
+    import ssl
+
+    name = new_key(standin, "EC-P256")
+    rest_call(standin, "GET", f"/keys/{name}")  # a token the stand-in accepts
+    token = standin.credential().get_token(standin.resource + "/.default", tenant_id=standin.tenant).token
+    standin.throttle(1, operations=("get",))
+    conn = http.client.HTTPSConnection(
+        "127.0.0.1", int(standin.url.rsplit(":", 1)[1]), context=ssl.create_default_context(cafile=str(standin.ca_path))
+    )
+    conn.request("GET", f"/keys/{name}?api-version={API_VERSION}", headers={"Authorization": f"Bearer {token}"})
+    response = conn.getresponse()
+    body = json.loads(response.read())
+    conn.close()
+    assert response.status == 429 and body["error"]["code"] == "Throttled"
+    assert response.getheader("Retry-After") is None
+
+
+def test_a_key_outside_its_validity_window_is_refused_at_resolve(standin, backend):
+    now = int(time.time())
+    expired = new_key(standin, "EC-P256", attributes={"exp": now - 3600})
+    with pytest.raises(KeyAccessDeniedError, match=r"expired at \d{4}-\d\d-\d\dT.*exp attribute") as caught:
+        backend.resolve(ref(standin, expired))
+    assert caught.value.grpc_code == "FAILED_PRECONDITION"
+    assert "Crypto User" not in str(caught.value), "an expired key is not a missing role"
+    early = new_key(standin, "EC-P256", attributes={"nbf": now + 86400})
+    with pytest.raises(KeyAccessDeniedError, match=r"not valid before .*nbf attribute"):
+        backend.resolve(ref(standin, early))
+
+
+def test_a_key_that_expires_within_the_warning_period_resolves_with_a_warning(standin, backend):
+    soon = new_key(standin, "EC-P256", attributes={"exp": int(time.time()) + 3 * 86400 + 3600})
+    resolved = backend.resolve(ref(standin, soon))
+    warning = backend.custody_warning(resolved)
+    assert warning is not None and "expires at" in warning and "3 day(s) left" in warning
+    later = new_key(standin, "EC-P256", attributes={"exp": int(time.time()) + 30 * 86400})
+    b = standin_backend(standin)
+    assert b.custody_warning(b.resolve(ref(standin, later))) == (
+        "software-protected key (kty EC, not EC-HSM): the private key is not in an HSM"
+    ), "30 days left: no expiry warning"
+    b.close()
+
+
+def test_the_validity_warning_period_is_the_rotation_warning_period():
+    from helseid_signer.rotation import EXPIRY_WARNING_DAYS
+
+    assert azure_kv.VALIDITY_WARNING_DAYS == EXPIRY_WARNING_DAYS == 14
+
+
+def test_the_warning_reaches_the_start_up_log(standin, caplog):
+    from helseid_signer.config import KeySettings
+    from helseid_signer.keys import KeySlot
+
+    soon = new_key(standin, "EC-P256", attributes={"exp": int(time.time()) + 86400 + 600})
+    b = standin_backend(standin)
+    slot = KeySlot("k", KeySettings(uri=ref(standin, soon), alg="ES256"), b)
+    with caplog.at_level(logging.WARNING):
+        assert slot.try_resolve(time.monotonic())
+    assert any("keys.k:" in r.getMessage() and "1 day(s) left" in r.getMessage() for r in caplog.records)
+    b.close()
+
+
+def test_a_key_that_expires_after_resolve_names_expiry_when_the_vault_refuses(standin, backend):
+    name = new_key(standin, "EC-P256", attributes={"exp": int(time.time()) + 2})
+    resolved = backend.resolve(ref(standin, name))
+    backend.sign(resolved, ALGORITHMS["ES256"], b"data", deadline=time.monotonic() + 5)
+    time.sleep(max(0.0, standin.versions(name)[-1].attributes["exp"] - time.time()) + 0.2)
+    with pytest.raises(KeyAccessDeniedError) as caught:
+        backend.sign(resolved, ALGORITHMS["ES256"], b"data", deadline=time.monotonic() + 5)
+    text = str(caught.value)
+    assert "expired at" in text and "nbf/exp" in text and "register" in text
+    assert "Crypto User" not in text, "the fix is a new key version, not a role"
+    assert [r.status for r in standin.requests_for("sign")][-1] == 403, "the vault was asked and refused"
+
+
+@pytest.mark.parametrize(
+    ("reason", "inner", "words", "not_words"),
+    [
+        ("rbac", "ForbiddenByRbac", ("Azure RBAC", "'Key Vault Crypto User'"), ("access polic", "firewall")),
+        ("policy", "ForbiddenByPolicy", ("access policies", "get and sign", "set-policy"), ("Crypto User",)),
+        ("firewall", "ForbiddenByFirewall", ("firewall", "networking rules", "private endpoint"), ("Crypto User",)),
+    ],
+)
+def test_each_403_reason_gets_its_own_hint(standin, backend, reason, inner, words, not_words):
+    resolved = backend.resolve(ref(standin, new_key(standin, "EC-P256")))
+    standin.deny(1, reason=reason)
+    with pytest.raises(KeyAccessDeniedError) as caught:
+        backend.sign(resolved, ALGORITHMS["ES256"], b"data", deadline=time.monotonic() + 5)
+    text = str(caught.value)
+    assert caught.value.grpc_code == "FAILED_PRECONDITION"
+    assert f"HTTP 403, {inner}" in text
+    for word in words:
+        assert word in text, (word, text)
+    for word in not_words:
+        assert word not in text.split("Vault said:")[0], (word, text)
+
+
+def test_403_reasons_when_creating_name_the_create_permissions(standin, backend):
+    standin.deny(1, operations=("create",), reason="rbac")
+    with pytest.raises(KeyAccessDeniedError, match="ForbiddenByRbac.*'Key Vault Crypto Officer'"):
+        backend.create_key(ref(standin, f"denied-{next(_names)}"), "EC-P256")
+    standin.deny(1, operations=("create",), reason="policy")
+    with pytest.raises(KeyAccessDeniedError, match="ForbiddenByPolicy.*get and create"):
+        backend.create_key(ref(standin, f"denied-{next(_names)}"), "EC-P256")
+
+
+def test_a_key_disabled_after_resolve_is_named_disabled(standin, backend):
+    name = new_key(standin, "EC-P256")
+    resolved = backend.resolve(ref(standin, name))
+    standin.set_enabled(name, standin.versions(name)[-1].version, False)
+    with pytest.raises(KeyAccessDeniedError) as caught:
+        backend.sign(resolved, ALGORITHMS["ES256"], b"data", deadline=time.monotonic() + 5)
+    assert "HTTP 403, KeyDisabled" in str(caught.value) and "enable it" in str(caught.value)
+
+
+def test_sign_taken_out_of_key_ops_after_resolve_is_named(standin, backend):
+    name = new_key(standin, "EC-P256", key_ops=["sign", "verify"])
+    resolved = backend.resolve(ref(standin, name))
+    standin.versions(name)[-1].key_ops[:] = ["verify"]  # as `az keyvault key set-attributes --ops verify`
+    with pytest.raises(KeyAccessDeniedError) as caught:
+        backend.sign(resolved, ALGORITHMS["ES256"], b"data", deadline=time.monotonic() + 5)
+    assert caught.value.grpc_code == "FAILED_PRECONDITION"
+    assert "HTTP 403, KeyOperationForbidden" in str(caught.value) and "key_ops" in str(caught.value)
+
+
+def _gaps(records) -> list[float]:
+    return [b.time - a.time for a, b in itertools.pairwise(records)]
+
+
+def test_bare_429s_are_retried_after_1_then_2_seconds(standin, backend):
+    """Microsoft's Key Vault throttling guidance: wait 1 s, then 2 s, 4 s ... (jittered up)."""
+    resolved = backend.resolve(ref(standin, new_key(standin, "EC-P256")))
+    standin.throttle(2)  # no Retry-After, as real vaults answer
+    before = len(standin.requests_for("sign"))
+    backend.sign(resolved, ALGORITHMS["ES256"], b"data", deadline=time.monotonic() + 10)
+    records = standin.requests_for("sign")[before:]
+    assert [r.status for r in records] == [429, 429, 200]
+    first, second = _gaps(records)
+    assert first >= 1.0 and second >= 2.0, (first, second)
+
+
+def test_bare_429s_past_the_deadline_are_resource_exhausted_in_time(standin, backend):
+    resolved = backend.resolve(ref(standin, new_key(standin, "EC-P256")))
+    standin.throttle(None)
+    before = len(standin.requests_for("sign"))
+    start = time.monotonic()
+    with pytest.raises(BackendThrottledError):
+        backend.sign(resolved, ALGORITHMS["ES256"], b"data", deadline=start + 2.0)
+    assert time.monotonic() - start < 2.0 + SLACK_S
+    sent = standin.requests_for("sign")[before:]
+    assert len(sent) == 2, "at 0 s and after 1-1.25 s; waiting 2 s more would pass the deadline"
+
+
+def test_keys_create_waits_out_bare_429s(standin):
+    b = standin_backend(standin)
+    name = f"throttled-{next(_names)}"
+    standin.throttle(2, operations=("create",))
+    before = len(standin.requests_for("create"))
+    resolved = b.create_key(ref(standin, name), "EC-P256")
+    assert [r.status for r in standin.requests_for("create")[before:]] == [429, 429, 200]
+    assert len(standin.versions(name)) == 1 and resolved.version.endswith(standin.versions(name)[0].version)
+    b.close()
+
+
+def test_keys_create_is_not_repeated_after_an_answer_that_may_have_made_the_key(standin):
+    b = standin_backend(standin)
+    name = f"unsure-{next(_names)}"
+    standin.unavailable(1, operations=("create",))
+    before = len(standin.requests_for("create"))
+    with pytest.raises(BackendUnavailableError, match="may have been created nonetheless"):
+        b.create_key(ref(standin, name), "EC-P256")
+    assert [r.status for r in standin.requests_for("create")[before:]] == [503], "a POST create is never repeated"
+    b.close()
+
+
+@pytest.fixture(scope="module")
+def hsm_standin(tmp_path_factory):
+    with running_standin(tmp_path_factory.mktemp("mhsm"), managed_hsm=True) as s:
+        yield s
+
+
+def test_standin_in_managed_hsm_mode_answers_as_a_managed_hsm(hsm_standin):
+    import http.client
+    import ssl
+
+    conn = http.client.HTTPSConnection(
+        "127.0.0.1", int(hsm_standin.url.rsplit(":", 1)[1]),
+        context=ssl.create_default_context(cafile=str(hsm_standin.ca_path)),
+    )  # fmt: skip
+    conn.request("GET", f"/keys/x?api-version={API_VERSION}")
+    response = conn.getresponse()
+    assert response.status == 401 and response.read() == b"", "a Managed HSM's challenge has an empty body"
+    assert 'resource="https://managedhsm.azure.net"' in response.getheader("WWW-Authenticate")
+    conn.close()
+    status, reply = rest_call(hsm_standin, "POST", "/keys/soft/create", {"kty": "EC", "crv": "P-256"})
+    assert status == 400, "a Managed HSM makes HSM keys only"
+    status, bundle = rest_call(hsm_standin, "POST", "/keys/hsm/create", {"kty": "EC-HSM", "crv": "P-521"})
+    assert status == 200 and bundle["key"]["key_ops"] == ["verify", "deriveKey", "sign"]
+    assert "hsmPlatform" not in bundle["attributes"]
+    version = bundle["key"]["kid"].rsplit("/", 1)[1]
+    digest = hashlib.sha512(b"data").digest()
+    request = {"alg": "ES512", "value": b64url(digest)}
+    status, signed = rest_call(hsm_standin, "POST", f"/keys/hsm/{version}/sign", request)
+    assert status == 200 and signed["alg"] == "ES512" and len(b64url_decode(signed["value"])) == 132
+
+
+def test_backend_signs_through_the_managed_hsm_standin(hsm_standin):
+    b = standin_backend(hsm_standin, hsm_keys=True)
+    resolved = b.create_key(ref(hsm_standin, f"mhsm-{next(_names)}"), "EC-P384")
+    signature = b.sign(resolved, ALGORITHMS["ES384"], b"signing input", deadline=time.monotonic() + 5)
+    verify_jose(resolved.public_key, "ES384", b"signing input", signature)
+    assert b.custody_warning(resolved) is None, "an EC-HSM key in a Managed HSM is held as promised"
+    b.close()
+
+
+def test_check_warns_of_a_key_that_expires_soon_and_refuses_an_expired_one(standin, tmp_path):
+    """``helseid-signer check`` (the real CLI, DefaultAzureCredential through the stand-in's
+    managed-identity endpoint): the expiry warning and the refusal, each naming the key."""
+    now = int(time.time())
+    soon = new_key(standin, "EC-P256", attributes={"exp": now + 2 * 86400 + 600})
+    gone = new_key(standin, "EC-P256", attributes={"exp": now - 600})
+    config = tmp_path / "check.toml"
+    config.write_text(
+        "\n".join([
+            "[server]", 'listen = "127.0.0.1:0"', "insecure = true", "",
+            "[backends.azurekv]", f'ca_bundle = "{standin.ca_path}"', "verify_challenge_resource = false", "",
+            "[keys.soon]", f'uri = "{ref(standin, soon)}"', 'alg = "ES256"', "",
+            "[keys.gone]", f'uri = "{ref(standin, gone)}"', 'alg = "ES256"', "",
+            "[profiles.p]", 'client_id = "c"', 'issuer = "https://helseid-sts.test.nhn.no"',
+            'assertion_key = "soon"', 'dpop_key = "soon"', "",
+        ])
+    )  # fmt: skip
+    proc = subprocess.run(
+        [sys.executable, "-m", "helseid_signer.cli", "check", "--config", str(config), "--timeout", "3"],
+        env=_cli_env(standin), capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    lines = proc.stdout.splitlines()
+    warnings = [line for line in lines if line.startswith("warning: keys.soon:")]
+    errors = [line for line in lines if line.startswith("error: keys.gone:")]
+    assert warnings and "expires at" in warnings[0] and "2 day(s) left" in warnings[0], proc.stdout
+    assert errors and "expired at" in errors[0] and "exp attribute" in errors[0], proc.stdout
+    assert proc.returncode != 0

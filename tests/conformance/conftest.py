@@ -19,7 +19,9 @@ import pytest
 from helseid_signer.backends.base import REGISTRY, KeyBackend
 from tests.support.softhsm import SoftHsmToken
 
-BACKENDS = list(REGISTRY)
+#: Further rounds of a registered backend in another mode of its service.
+MODES = {"azurekv": ("azurekv_mhsm",)}  # Azure Key Vault, and Managed HSM (FIPS 140-3 level 3)
+BACKENDS = [name for scheme in REGISTRY for name in (scheme, *MODES.get(scheme, ()))]
 
 
 @dataclass
@@ -71,6 +73,17 @@ def conformance_azurekv(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Ba
 
     with conformance_target(tmp_path_factory.mktemp("azurekv")) as (backend, make_key, _where):
         yield BackendUnderTest("azurekv", backend, make_key)
+
+
+@pytest.fixture(scope="session")
+def conformance_azurekv_mhsm(tmp_path_factory: pytest.TempPathFactory) -> Iterator[BackendUnderTest]:
+    """The azurekv backend against a Managed HSM: the stand-in in Managed HSM mode (empty
+    401 body, resource https://managedhsm.azure.net, HSM key types only, ``alg`` in sign
+    replies), or the real Managed HSM named by HELSEID_AZUREKV_TEST_MANAGED_HSM."""
+    from tests.support.azure_kv_kit import conformance_target
+
+    with conformance_target(tmp_path_factory.mktemp("azurekv-mhsm"), managed_hsm=True) as (backend, make_key, _):
+        yield BackendUnderTest("azurekv-mhsm", backend, make_key)
 
 
 @pytest.fixture(scope="session", params=BACKENDS)

@@ -109,6 +109,62 @@ def test_kms_endpoint_unreachable_then_back(tmp_path):
                                                         if k in ("kty", "crv", "x", "y")} for r in results)  # fmt: skip
 
 
+def _backend_error_of(details: str, config) -> str:
+    """The backend's own text in the audit record of the failed request ``details`` names."""
+    ref = re.search(r"\(ref ([0-9a-f]{8});", details).group(1)
+    lines = [json.loads(line) for line in Path(str(config) + ".log").read_text().splitlines() if ref in line]
+    return next(entry["backend_error"] for entry in lines if entry.get("ref") == ref and "backend_error" in entry)
+
+
+def test_kms_refusals_reach_the_caller_as_status_and_summary_and_the_audit_names_the_cause(tmp_path):
+    """Each KMS error shape, as the real service sends it, through the real botocore into a
+    running signer: the caller gets the right gRPC status and only a summary with a ref;
+    the audit record with that ref names the actual cause."""
+    with aws_test_environment(), running_kms_endpoint() as endpoint:
+        kms = boto3.client("kms", region_name=TEST_REGION, endpoint_url=endpoint.url)
+        arn = kms.create_key(KeyUsage="SIGN_VERIFY", KeySpec="ECC_NIST_P256")["KeyMetadata"]["Arn"]
+        key_id = arn.rsplit("/", 1)[1]
+        config = tmp_path / "signer.toml"
+        backend = ["[backends.awskms]", f'region = "{TEST_REGION}"', f'endpoint_url = "{endpoint.url}"',
+                   "max_attempts = 2"]  # fmt: skip
+        _config(config, backend, f"awskms:{arn}", "ES256")
+
+        def fault(value: str | None) -> None:
+            if value is None:
+                kms.untag_resource(KeyId=key_id, TagKeys=["helseid-test-fault"])
+            else:
+                kms.tag_resource(KeyId=key_id, Tags=[{"TagKey": "helseid-test-fault", "TagValue": value}])
+
+        with (
+            running_signer(config, env=TEST_AWS_ENV) as address,
+            SignerClient(channel=grpc.insecure_channel(address), timeout=5) as client,
+        ):
+            assert client.sign_client_assertion("p").jwt
+            cases = [
+                (lambda: kms.disable_key(KeyId=key_id), grpc.StatusCode.FAILED_PRECONDITION,
+                 "the key store refused to sign", "DisabledException"),
+                (lambda: (kms.enable_key(KeyId=key_id), fault("unavailable")), grpc.StatusCode.UNAVAILABLE,
+                 "the signing key or its key store is not available", "KeyUnavailableException"),
+                (lambda: fault("state-PendingImport"), grpc.StatusCode.FAILED_PRECONDITION,
+                 "the key store refused to sign", "state PendingImport"),
+                (lambda: fault("deny-explicit"), grpc.StatusCode.FAILED_PRECONDITION,
+                 "the key store refused to sign", "explicit Deny for kms:Sign"),
+                (lambda: fault("throttle"), grpc.StatusCode.RESOURCE_EXHAUSTED,
+                 "the key store is throttling requests", "ThrottlingException"),
+                (lambda: (fault(None), kms.schedule_key_deletion(KeyId=key_id, PendingWindowInDays=7)),
+                 grpc.StatusCode.FAILED_PRECONDITION, "the key store refused to sign", "state PendingDeletion"),
+            ]  # fmt: skip
+            for arrange, code, summary, cause in cases:
+                arrange()
+                with pytest.raises(SignerError) as caught:
+                    client.sign_client_assertion("p")
+                details = caught.value.details
+                assert caught.value.code == code, (cause, caught.value.code, details)
+                assert details.startswith(summary) and arn not in details and cause not in details, details
+                backend_error = _backend_error_of(details, config)
+                assert cause in backend_error and arn in backend_error, backend_error
+
+
 def test_key_vault_429_and_503(tmp_path):
     with running_standin(tmp_path / "kv") as vault:
         uri, public = _azure_key(vault, tmp_path)
@@ -121,11 +177,12 @@ def test_key_vault_429_and_503(tmp_path):
             SignerClient(channel=grpc.insecure_channel(address), timeout=5) as client,
         ):
             assert _verify(client.sign_client_assertion("p").jwt, public)["kid"] == public.thumbprint()
-            # A short burst of 429 with Retry-After: retried within the deadline, the caller sees success.
-            vault.throttle(2, retry_after="0")
+            # A 429 as real vaults send it (no Retry-After): retried after Microsoft's 1 s back-off
+            # within the deadline, the caller sees success.
+            vault.throttle(1)
             assert _verify(client.sign_client_assertion("p").jwt, public)
             # 429 without end: RESOURCE_EXHAUSTED within the deadline, the process keeps serving.
-            vault.throttle(None, retry_after="1")
+            vault.throttle(None)
             with pytest.raises(SignerError) as caught:
                 client.sign_client_assertion("p")
             assert caught.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED

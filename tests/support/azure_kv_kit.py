@@ -20,6 +20,9 @@ from tests.support.azure_kv_standin import KeyVaultStandIn, running_standin
 #: Set to a vault URL (``https://NAME.vault.azure.net``) to run the azurekv conformance
 #: tests against that vault with DefaultAzureCredential instead of the stand-in.
 LIVE_VAULT_ENV = "HELSEID_AZUREKV_TEST_VAULT"
+#: Set to a Managed HSM URL (``https://NAME.managedhsm.azure.net``) to run the Managed HSM
+#: round of the conformance tests against it instead of the stand-in in Managed HSM mode.
+LIVE_MANAGED_HSM_ENV = "HELSEID_AZUREKV_TEST_MANAGED_HSM"
 
 log = logging.getLogger(__name__)
 
@@ -45,22 +48,26 @@ def key_maker(backend: AzureKvBackend, vault_url: str, prefix: str) -> tuple[Cal
 
 
 @contextmanager
-def conformance_target(folder: Path) -> Iterator[tuple[AzureKvBackend, Callable[[str], str], str]]:
-    """(backend, make_key, description) for the conformance suite: the stand-in, or the real
-    vault named by ``HELSEID_AZUREKV_TEST_VAULT``. Keys made in a real vault are deleted
-    afterwards (best effort; soft-deleted keys stay recoverable until purged)."""
-    live = os.environ.get(LIVE_VAULT_ENV)
+def conformance_target(
+    folder: Path, *, managed_hsm: bool = False
+) -> Iterator[tuple[AzureKvBackend, Callable[[str], str], str]]:
+    """(backend, make_key, description) for the conformance suite: the stand-in (in Managed
+    HSM mode with ``managed_hsm``), or the real vault named by ``HELSEID_AZUREKV_TEST_VAULT``
+    (Managed HSM: ``HELSEID_AZUREKV_TEST_MANAGED_HSM``). Keys made in a real vault are
+    deleted afterwards (best effort; soft-deleted keys stay recoverable until purged)."""
+    live = os.environ.get(LIVE_MANAGED_HSM_ENV if managed_hsm else LIVE_VAULT_ENV)
     if not live:
-        with running_standin(folder) as standin:
-            backend = standin_backend(standin)
+        with running_standin(folder, managed_hsm=managed_hsm) as standin:
+            backend = standin_backend(standin, hsm_keys=managed_hsm)
             make_key, _ = key_maker(backend, standin.url, "conformance")
+            mode = "Managed HSM mode" if managed_hsm else "vault mode"
             try:
-                yield backend, make_key, f"local stand-in {standin.url}"
+                yield backend, make_key, f"local stand-in {standin.url} ({mode})"
             finally:
                 backend.close()
         return
     vault_url = live.rstrip("/")
-    backend = AzureKvBackend(hsm_keys=os.environ.get("HELSEID_AZUREKV_TEST_HSM") == "1")
+    backend = AzureKvBackend(hsm_keys=managed_hsm or os.environ.get("HELSEID_AZUREKV_TEST_HSM") == "1")
     make_key, made = key_maker(backend, vault_url, f"helseid-conformance-{secrets.token_hex(4)}")
     try:
         yield backend, make_key, f"REAL vault {vault_url}"

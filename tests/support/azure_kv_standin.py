@@ -21,12 +21,25 @@ subset the backend uses, following the Key Vault REST reference (learn.microsoft
   again), with real keys through ``cryptography``: RS* PKCS#1 v1.5, PS* PSS with MGF1 of the
   same hash and salt = hash length, ES* as raw fixed-width ``R || S`` (what the service
   returns: JOSE form, not DER); the reply's ``kid`` is the versioned key URL that signed;
-* errors as ``{"error": {"code", "message"}}``: 404 ``KeyNotFound``, 400 ``BadParameter``,
-  403 ``Forbidden`` (disabled key, or injected), 429 ``Throttled`` with ``Retry-After``.
+* errors as ``{"error": {"code", "message", "innererror": {"code"}}}`` as real vaults send
+  them: 404 ``KeyNotFound``, 400 ``BadParameter``, 403 ``Forbidden`` with ``innererror.code``
+  ``KeyDisabled`` (sign with a disabled key), ``KeyOperationForbidden`` (sign with a key
+  whose ``key_ops`` lack ``sign``), and - injected with :meth:`KeyVaultStandIn.deny` -
+  ``ForbiddenByRbac``, ``ForbiddenByPolicy`` or ``ForbiddenByFirewall``; 429 ``Throttled``
+  WITHOUT ``Retry-After`` unless a test asks for one (captured real 429s carry none);
+* ``sign`` outside a key version's ``nbf``/``exp`` window is refused with 403 (GET still
+  answers, as real vaults do);
+* attributes as real vaults return them (API 2025-07-01): ``key_size`` for RSA keys and
+  ``hsmPlatform`` (``"0"`` software, ``"2"`` HSM-protected) in a vault.
 
-Only the stand-in's behaviour for requests the REST reference documents is meant to be
-faithful; codes of rarer errors (a ``key_ops`` that lacks ``sign``) are approximations and
-say so. Faults are injected per operation (``throttle``, ``deny``, ``delay``), and two
+Managed HSM mode (``managed_hsm=True``) answers as a Managed HSM does: the 401 challenge
+has an EMPTY body and ``resource="https://managedhsm.azure.net"``, only ``RSA-HSM`` and
+``EC-HSM`` keys can be made, EC keys made without ``key_ops`` get ``verify``, ``deriveKey``
+and ``sign``, sign replies carry ``alg``, and attributes have no ``hsmPlatform``.
+
+Where each of these shapes comes from (recorded real answers, or reconstructed from
+documentation) is listed in docs/backends/azure-key-vault.md ("Where the stand-in's answers
+come from"). Faults are injected per operation (``throttle``, ``deny``, ``delay``), and two
 switches make the stand-in misbehave on purpose, for negative controls:
 ``sign_latest_instead`` (sign with the newest version whatever the URL says) and
 ``es_signature_der`` (ES* signatures in DER, as AWS KMS returns them).
@@ -72,6 +85,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 API_VERSION = "2025-07-01"
 VAULT_RESOURCE = "https://vault.azure.net"
+MANAGED_HSM_RESOURCE = "https://managedhsm.azure.net"
 DEFAULT_TENANT = "00000000-0000-4000-8000-00000000a2e5"
 
 _NAME_RE = re.compile(r"^[0-9a-zA-Z-]{1,127}$")
@@ -91,6 +105,35 @@ _SIGN_ALGS: dict[str, tuple[str, type[hashes.HashAlgorithm], int, str | None]] =
 }
 _RSA_DEFAULT_OPS = ["encrypt", "decrypt", "sign", "verify", "wrapKey", "unwrapKey"]
 _EC_DEFAULT_OPS = ["sign", "verify"]
+#: A Managed HSM's default key_ops for EC keys (recorded, API 2025-07-01).
+_HSM_EC_DEFAULT_OPS = ["verify", "deriveKey", "sign"]
+#: What real vaults say in 403 bodies, by innererror.code (sources: docs/backends/azure-key-vault.md).
+_CALLER = (
+    "appid=00000000-0000-4000-8000-0000000000c1;oid=00000000-0000-4000-8000-0000000000c2;"
+    "iss=https://sts.windows.net/00000000-0000-4000-8000-00000000a2e5/"
+)
+_DENIALS = {
+    "rbac": (
+        "ForbiddenByRbac",
+        "Caller is not authorized to perform action on resource.\r\nIf role assignments, deny assignments or role "
+        "definitions were changed recently, please observe propagation time.\r\nCaller: {caller}\r\nAction: "
+        "'Microsoft.KeyVault/vaults/keys/{action}'\r\nResource: '/subscriptions/00000000-0000-4000-8000-000000000001/"
+        "resourcegroups/rg/providers/microsoft.keyvault/vaults/standin/keys/{name}'\r\nAssignment: (not found)\r\n"
+        "DenyAssignmentId: null\r\nDecisionReason: 'DeniedWithNoValidRBAC' \r\nVault: standin;location=norwayeast\r\n",
+    ),
+    "policy": (
+        "ForbiddenByPolicy",
+        "The user, group or application '{caller}' does not have keys {permission} permission on key vault "
+        "'standin;location=norwayeast'. For help resolving this issue, please see "
+        "https://go.microsoft.com/fwlink/?linkid=2125287",
+    ),
+    "firewall": (
+        "ForbiddenByFirewall",
+        "Client address is not authorized and caller is not a trusted service.\r\nClient address: 203.0.113.7\r\n"
+        "Caller: {caller}\r\nVault: standin;location=norwayeast",
+    ),
+}
+_RBAC_ACTIONS = {"sign": "sign/action", "get": "read", "create": "create/action", "rotate": "rotate/action"}
 
 
 def b64url(data: bytes) -> str:
@@ -142,6 +185,7 @@ class Fault:
     remaining: int | None
     retry_after: str | None = None
     seconds: float = 0.0
+    reason: str = "rbac"
 
 
 @dataclass(frozen=True)
@@ -181,13 +225,18 @@ class KeyVaultStandIn:
     Args:
         folder: where the CA and server certificate are written.
         tenant: the tenant the 401 challenge names.
-        resource: the challenge's ``resource`` (``https://vault.azure.net`` for vaults).
+        resource: the challenge's ``resource`` (default ``https://vault.azure.net``, or
+            ``https://managedhsm.azure.net`` in Managed HSM mode).
+        managed_hsm: answer as a Managed HSM (see the module docstring).
     """
 
-    def __init__(self, folder: Path, *, tenant: str = DEFAULT_TENANT, resource: str = VAULT_RESOURCE) -> None:
+    def __init__(
+        self, folder: Path, *, tenant: str = DEFAULT_TENANT, resource: str | None = None, managed_hsm: bool = False
+    ) -> None:
         self.folder = Path(folder)
         self.tenant = tenant
-        self.resource = resource
+        self.managed_hsm = managed_hsm
+        self.resource = resource or (MANAGED_HSM_RESOURCE if managed_hsm else VAULT_RESOURCE)
         self.ca_path = self.folder / "standin-ca.pem"
         self._keys: dict[str, list[KeyVersion]] = {}  # lower-case name -> versions, oldest first
         self._issued: dict[str, tuple[tuple[str, ...], str | None]] = {}
@@ -320,16 +369,23 @@ class KeyVaultStandIn:
     # -- test controls ----------------------------------------------------------------
 
     def throttle(
-        self, count: int | None = 1, *, retry_after: str | None = "1", operations: tuple[str, ...] = ("sign",)
+        self, count: int | None = 1, *, retry_after: str | None = None, operations: tuple[str, ...] = ("sign",)
     ) -> None:
         """The next ``count`` authorised requests of ``operations`` (None: all from now on) get
-        429 ``Throttled`` with ``Retry-After: retry_after`` (None: no header)."""
+        429 ``Throttled``; without ``Retry-After`` as real vaults send it, unless
+        ``retry_after`` gives one."""
         self._add(Fault("throttle", frozenset(operations), count, retry_after=retry_after))
 
-    def deny(self, count: int | None = None, *, operations: tuple[str, ...] = ("sign",)) -> None:
-        """The next ``count`` authorised requests of ``operations`` get 403 ``Forbidden``, as
-        when the caller's identity lacks the role (RBAC) or access-policy permission."""
-        self._add(Fault("deny", frozenset(operations), count))
+    def deny(
+        self, count: int | None = None, *, operations: tuple[str, ...] = ("sign",), reason: str = "rbac"
+    ) -> None:
+        """The next ``count`` authorised requests of ``operations`` get 403 ``Forbidden`` as a
+        real vault words it for ``reason``: ``rbac`` (no role assignment, innererror
+        ``ForbiddenByRbac``), ``policy`` (access policies without the permission,
+        ``ForbiddenByPolicy``) or ``firewall`` (network rules, ``ForbiddenByFirewall``)."""
+        if reason not in _DENIALS:
+            raise ValueError(f"reason must be one of {sorted(_DENIALS)}")
+        self._add(Fault("deny", frozenset(operations), count, reason=reason))
 
     def unavailable(self, count: int | None = None, *, operations: tuple[str, ...] = ("sign",)) -> None:
         """The next ``count`` authorised requests of ``operations`` get 503
@@ -356,10 +412,19 @@ class KeyVaultStandIn:
             return list(self._keys.get(name.lower(), []))
 
     def set_enabled(self, name: str, version: str, enabled: bool) -> None:
+        self.set_attributes(name, version, enabled=enabled)
+
+    def set_attributes(self, name: str, version: str, **attributes: Any) -> None:
+        """Change attributes of one key version (``enabled``, ``nbf``, ``exp`` in seconds since
+        the epoch; None removes one), as ``PATCH /keys/{name}/{version}`` would."""
         with self._lock:
             for v in self._keys[name.lower()]:
                 if v.version == version:
-                    v.attributes["enabled"] = enabled
+                    for k, value in attributes.items():
+                        if value is None:
+                            v.attributes.pop(k, None)
+                        else:
+                            v.attributes[k] = value
 
     def requests_for(self, operation: str) -> list[RequestRecord]:
         with self._lock:
@@ -399,6 +464,8 @@ class KeyVaultStandIn:
 
     def _new_version(self, name: str, body: dict[str, Any]) -> KeyVersion:
         kty = body.get("kty")
+        if self.managed_hsm and kty in ("RSA", "EC"):
+            raise _Error(400, "BadParameter", f"Key type {kty} is not supported by Managed HSM; use {kty}-HSM")
         if kty in ("RSA", "RSA-HSM"):
             size = body.get("key_size", 2048)
             if size not in _RSA_SIZES:
@@ -417,18 +484,26 @@ class KeyVaultStandIn:
         if attrs_in.get("exportable") and not body.get("release_policy"):
             raise _Error(400, "BadParameter", "Exportable keys must have a release policy")
         now = int(time.time())
-        attributes = {
-            "enabled": attrs_in.get("enabled", True),
-            "created": now,
-            "updated": now,
-            "recoveryLevel": "Recoverable+Purgeable",
-            "recoverableDays": 90,
-            "exportable": bool(attrs_in.get("exportable", False)),
-        }
+        attributes: dict[str, Any] = {"enabled": attrs_in.get("enabled", True)}
         for k in ("nbf", "exp"):
             if k in attrs_in:
                 attributes[k] = attrs_in[k]
-        key_ops = body.get("key_ops") or (_RSA_DEFAULT_OPS if kty.startswith("RSA") else _EC_DEFAULT_OPS)
+        if crv is None:
+            attributes["key_size"] = private.key_size
+        attributes.update(
+            created=now,
+            updated=now,
+            recoveryLevel="CustomizedRecoverable+Purgeable",
+            recoverableDays=7 if self.managed_hsm else 90,
+            exportable=bool(attrs_in.get("exportable", False)),
+        )
+        if not self.managed_hsm:
+            attributes["hsmPlatform"] = "2" if kty.endswith("-HSM") else "0"
+        if kty.startswith("RSA"):
+            default_ops = _RSA_DEFAULT_OPS
+        else:
+            default_ops = _HSM_EC_DEFAULT_OPS if self.managed_hsm else _EC_DEFAULT_OPS
+        key_ops = body.get("key_ops") or default_ops
         version = KeyVersion(
             name=name,
             version=secrets.token_hex(16),
@@ -475,9 +550,17 @@ class KeyVaultStandIn:
         except ValueError:
             raise _Error(400, "BadParameter", "value is not base64url") from None
         if not v.attributes.get("enabled", True):
-            raise _Error(403, "Forbidden", "Operation sign is not allowed on a disabled key.")
-        if "sign" not in v.key_ops:  # stand-in approximation of the service's refusal
-            raise _Error(400, "BadParameter", "Operation sign is not permitted on this key.")
+            raise _Error(403, "Forbidden", "Operation sign is not allowed on a disabled key.", inner="KeyDisabled")
+        now = time.time()
+        if "exp" in v.attributes and now >= v.attributes["exp"]:
+            raise _Error(403, "Forbidden", "Operation sign is not allowed on an expired key.", inner="KeyExpired")
+        if "nbf" in v.attributes and now < v.attributes["nbf"]:
+            raise _Error(403, "Forbidden", "Operation sign is not allowed on a key that is not yet valid.",
+                         inner="KeyNotYetValid")  # fmt: skip
+        if "sign" not in v.key_ops:
+            raise _Error(
+                403, "Forbidden", "Operation sign is not permitted on this key.", inner="KeyOperationForbidden"
+            )
         if len(digest) != digest_len:
             raise _Error(400, "BadParameter", f"Invalid digest length {len(digest)} for algorithm {alg}")
         prehashed = utils.Prehashed(hash_cls())
@@ -499,7 +582,8 @@ class KeyVaultStandIn:
             signature = der if self.es_signature_der else _uint(r, width) + _uint(s, width)
         with self._lock:
             self.last_signature = signature
-        return {"kid": self.key_url(v.name, v.version), "value": b64url(signature)}
+        reply = {"kid": self.key_url(v.name, v.version), "value": b64url(signature)}
+        return {"alg": alg, **reply} if self.managed_hsm else reply
 
     def handle(self, method: str, path: str, query: dict[str, list[str]], body: dict[str, Any] | None) -> Any:
         """Route one authorised request; returns the JSON reply or raises _Error."""
@@ -543,9 +627,11 @@ def _need(body: dict[str, Any] | None) -> dict[str, Any]:
 
 
 class _Error(Exception):
-    def __init__(self, status: int, code: str, message: str, headers: dict[str, str] | None = None) -> None:
+    def __init__(
+        self, status: int, code: str, message: str, headers: dict[str, str] | None = None, inner: str | None = None
+    ) -> None:
         super().__init__(message)
-        self.status, self.code, self.message, self.headers = status, code, message, headers or {}
+        self.status, self.code, self.message, self.headers, self.inner = status, code, message, headers or {}, inner
 
 
 class _QuietServer(http.server.ThreadingHTTPServer):
@@ -622,7 +708,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
                 raise _Error(
                     401,
                     "Unauthorized",
-                    "AKV10000: Request is missing a Bearer or PoP token.",
+                    "AKV10000: Request is missing a Bearer, PoP, or MTLS_POP token.",
                     {
                         "WWW-Authenticate": f'Bearer authorization="https://login.microsoftonline.com/{vault.tenant}", '
                         f'resource="{vault.resource}"'
@@ -642,19 +728,25 @@ class _Handler(http.server.BaseHTTPRequestHandler):
                 elif fault.kind == "unavailable":
                     raise _Error(503, "ServiceUnavailable", "The service is temporarily unavailable.")
                 elif fault.kind == "deny":
-                    raise _Error(
-                        403,
-                        "Forbidden",
-                        f"Caller is not authorized to perform action on resource. Action: "
-                        f"'Microsoft.KeyVault/vaults/keys/{operation}/action'",
+                    inner, text = _DENIALS[fault.reason]
+                    parts = split.path.split("/")
+                    message = text.format(
+                        caller=_CALLER,
+                        action=_RBAC_ACTIONS.get(operation, operation),
+                        permission=operation,
+                        name=parts[2] if len(parts) > 2 else "",
                     )
+                    raise _Error(403, "Forbidden", message, inner=inner)
             reply = vault.handle(method, split.path, parse_qs(split.query), body)
         except _Error as err:
             status, headers = err.status, err.headers
             reply = {"error": {"code": err.code, "message": err.message}}
+            if err.inner:
+                reply["error"]["innererror"] = {"code": err.inner}
         with vault._lock:
             vault.log.append(RequestRecord(method, split.path, operation, status, authorized, body, time.monotonic()))
-        data = json.dumps(reply).encode()
+        # A Managed HSM's 401 challenge has an empty body (recorded); a vault's a JSON error.
+        data = b"" if status == 401 and vault.managed_hsm else json.dumps(reply).encode()
         self.send_response(status)
         self.send_header("Content-Type", "application/json; charset=utf-8")
         self.send_header("Content-Length", str(len(data)))

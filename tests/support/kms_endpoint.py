@@ -24,13 +24,36 @@ conformance fixture leave defects in, to watch the controls fail: ``digest``,
 Also faithful to AWS, not to moto: ``Sign`` on a disabled key answers ``DisabledException``,
 on a key pending deletion ``KMSInvalidStateException`` (moto signs with both).
 
+Error answers have the shape of the AWS JSON 1.1 protocol that KMS speaks (botocore's
+service model ``kms/2014-11-01``: ``"protocol": "json"``, ``"jsonVersion": "1.1"``): an
+HTTP status and a body ``{"__type": "<error shape name>", "message": "..."}``; botocore
+picks the error class by ``__type``. Statuses and wording as the AWS KMS API Reference
+gives them (per-operation "Errors" sections and "Common Errors"); these are RECONSTRUCTED
+from that documentation, not recorded from the service (docs/backends/aws-kms.md lists them):
+
+=========================  ======  ============================================================
+error shape                status  message
+=========================  ======  ============================================================
+DisabledException          409     ``<key ARN> is disabled.``
+KMSInvalidStateException   409     ``<key ARN> is pending deletion.`` (or pending import, ...)
+KeyUnavailableException    500     ``<key ARN> is unavailable.`` (retryable; custom key store)
+AccessDeniedException      400     ``User: <principal> is not authorized to perform: kms:Sign ...``
+ThrottlingException        400     ``Rate exceeded``
+KMSInternalException       500     ``An internal error occurred``
+=========================  ======  ============================================================
+
 Fault injection, by a tag on the key (set with the real ``TagResource`` API), so a test can
 make this endpoint misbehave the way AWS KMS does, for one key only. Tag
 ``helseid-test-fault`` with value:
 
 * ``throttle``: every ``Sign`` answers ``ThrottlingException`` (HTTP 400);
 * ``throttle-first-N``: the first N ``Sign`` calls for the key are throttled, later ones sign;
-* ``deny``: ``AccessDeniedException``;
+* ``deny``: ``AccessDeniedException`` (no policy allows kms:Sign); ``deny-explicit``: the
+  same, from an explicit deny;
+* ``unavailable``: ``KeyUnavailableException`` (HTTP 500), as for a key in a custom key
+  store whose CloudHSM cluster or external key store proxy is disconnected;
+* ``state-<KeyState>``: ``KMSInvalidStateException`` for that key state (e.g.
+  ``state-PendingImport``), as if the key were in it;
 * ``internal-error``: ``KMSInternalException`` (HTTP 500);
 * ``slow-S``: wait S seconds (a float) before answering.
 
@@ -247,6 +270,18 @@ def _faithful_sign(corrections: frozenset[str]):
     class InternalError(JsonRESTError):
         code = 500
 
+    class ConflictError(JsonRESTError):  # DisabledException, KMSInvalidStateException
+        code = 409
+
+    states = {
+        "PendingDeletion": "pending deletion",
+        "PendingImport": "pending import",
+        "PendingReplicaDeletion": "pending replica deletion",
+        "Unavailable": "unavailable",
+        "Creating": "creating",
+        "Updating": "updating",
+    }
+
     hash_of = {"256": hashes.SHA256, "384": hashes.SHA384, "512": hashes.SHA512}
     throttled_so_far: dict[str, int] = {}
     guard = threading.Lock()
@@ -268,6 +303,17 @@ def _faithful_sign(corrections: frozenset[str]):
                 f"User: arn:aws:sts::123456789012:assumed-role/test is not authorized to perform: "
                 f"kms:Sign on resource: {key.arn} because no resource-based policy allows the kms:Sign action",
             )
+        elif value == "deny-explicit":
+            raise JsonRESTError(
+                "AccessDeniedException",
+                f"User: arn:aws:sts::123456789012:assumed-role/test is not authorized to perform: "
+                f"kms:Sign on resource: {key.arn} with an explicit deny in a resource-based policy",
+            )
+        elif value == "unavailable":
+            raise InternalError("KeyUnavailableException", f"{key.arn} is unavailable.")
+        elif value.startswith("state-"):
+            state = value.removeprefix("state-")
+            raise ConflictError("KMSInvalidStateException", f"{key.arn} is {states.get(state, state)}.")
         elif value == "internal-error":
             raise InternalError("KMSInternalException", "An internal error occurred")
         elif value.startswith("slow-"):
@@ -281,9 +327,9 @@ def _faithful_sign(corrections: frozenset[str]):
         self._validate_key_id(key_id)
         key = self.kms_backend.describe_key(key_id)
         if key.key_state == "Disabled":
-            raise JsonRESTError("DisabledException", f"{key.arn} is disabled.")
+            raise ConflictError("DisabledException", f"{key.arn} is disabled.")
         if key.key_state != "Enabled":
-            raise JsonRESTError("KMSInvalidStateException", f"{key.arn} is {key.key_state.lower()}.")
+            raise ConflictError("KMSInvalidStateException", f"{key.arn} is {states.get(key.key_state, key.key_state)}.")
         if key.key_usage != "SIGN_VERIFY":
             raise JsonRESTError("InvalidKeyUsageException", f"{key.arn} key usage is {key.key_usage}")
         if algorithm not in (key.signing_algorithms or []):

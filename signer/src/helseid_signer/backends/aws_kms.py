@@ -38,11 +38,21 @@ Errors and deadlines (bug-kinds 24): botocore's own retry machinery (``standard`
 call runs on a small thread pool and the caller waits at most until its ``deadline``
 (``time.monotonic()`` seconds): it never waits beyond it, however long a retry backoff,
 a connect or a read would take; once the deadline has passed, two botocore event hooks
-stop that call's further retries and sends. Mapping: ``ThrottlingException`` ->
-BackendThrottledError (RESOURCE_EXHAUSTED); ``AccessDeniedException``, a disabled key,
-a key pending deletion, rejected credentials -> KeyAccessDeniedError (FAILED_PRECONDITION);
-unreachable endpoint, KMS 5xx, no answer within the deadline -> BackendUnavailableError
-(UNAVAILABLE); unknown key -> KeyNotFoundError.
+stop that call's further retries and sends. Mapping (error shapes as botocore's service
+model names them; AWS KMS API Reference for their statuses), each with a message naming
+the cause and the fix:
+
+* ``ThrottlingException`` (400, retried by botocore) -> BackendThrottledError
+  (RESOURCE_EXHAUSTED);
+* ``AccessDeniedException`` (400) -> KeyAccessDeniedError (FAILED_PRECONDITION), saying
+  whether an explicit Deny, the key policy or the IAM policy is the cause;
+* ``DisabledException`` (409) and ``KMSInvalidStateException`` (409; the state - pending
+  deletion, pending import, ... - read from KMS's message) -> KeyAccessDeniedError
+  (FAILED_PRECONDITION) with the command that fixes that state;
+* ``KeyUnavailableException`` (500, retried by botocore: "You can retry the request") ->
+  BackendUnavailableError (UNAVAILABLE), naming the custom key store;
+* rejected credentials -> KeyAccessDeniedError; unreachable endpoint, other 5xx, no answer
+  within the deadline -> BackendUnavailableError (UNAVAILABLE); unknown key -> KeyNotFoundError.
 """
 
 from __future__ import annotations
@@ -138,7 +148,33 @@ THROTTLING_CODES = frozenset(
         "SlowDown",
     }
 )
-_KEY_STATE_CODES = {"DisabledException", "KMSInvalidStateException", "KeyUnavailableException"}
+#: KMS key state -> what the operator does about it (KMS Developer Guide, "Key states of
+#: AWS KMS keys"). Used when DescribeKey or an error message names the state.
+KEY_STATE_HINTS: dict[str, str] = {
+    "Disabled": "enable it (aws kms enable-key) or configure another key",
+    "PendingDeletion": (
+        "it is scheduled for deletion: cancel the deletion (aws kms cancel-key-deletion), then enable it "
+        "(aws kms enable-key; a cancelled key stays Disabled) - or configure another key"
+    ),
+    "PendingReplicaDeletion": "this multi-Region replica is scheduled for deletion: cancel it or configure another key",
+    "PendingImport": "its key material has not been imported (or has expired): import it, or configure another key",
+    "Unavailable": (
+        "its custom key store is disconnected: reconnect it (aws kms connect-custom-key-store) and check the "
+        "CloudHSM cluster or external key store proxy"
+    ),
+    "Creating": "it is still being created: wait, then retry",
+    "Updating": "it is being updated: wait, then retry",
+}
+#: The words KMS uses for a key state in its error messages ("<ARN> is pending deletion.").
+_STATE_WORDS = {
+    "pending deletion": "PendingDeletion",
+    "pending replica deletion": "PendingReplicaDeletion",
+    "pending import": "PendingImport",
+    "unavailable": "Unavailable",
+    "disabled": "Disabled",
+    "creating": "Creating",
+    "updating": "Updating",
+}
 _CREDENTIAL_CODES = {
     "UnrecognizedClientException",
     "InvalidClientTokenId",
@@ -392,19 +428,27 @@ class AwsKmsBackend:
             if code in THROTTLING_CODES:
                 return BackendThrottledError(f"AWS KMS throttled {what} ({code}) after {attempts} attempt(s)")
             if code == "AccessDeniedException":
-                return KeyAccessDeniedError(
-                    f"AWS KMS denied {what}: the service's AWS identity lacks this permission in the key policy "
-                    f"or its IAM policy ({message})"
-                )
+                return KeyAccessDeniedError(f"AWS KMS denied {what}: {_access_denied_cause(message)} ({message})")
             if code == "DisabledException":
                 return KeyAccessDeniedError(
-                    f"AWS KMS {what}: the key is disabled; enable it (aws kms enable-key) or configure another key "
+                    f"AWS KMS {what}: the key is disabled (DisabledException); {KEY_STATE_HINTS['Disabled']} "
                     f"({message})"
                 )
-            if code in _KEY_STATE_CODES:
-                return KeyAccessDeniedError(
-                    f"AWS KMS {what}: the key cannot be used in its current state, e.g. pending deletion "
-                    f"(aws kms cancel-key-deletion) ({code}: {message})"
+            if code == "KMSInvalidStateException":
+                state = _state_in(message)
+                hint = (
+                    f"the key is in state {state}; {KEY_STATE_HINTS[state]}"
+                    if state
+                    else "the key's state does not allow this operation (for a key in a custom key store: a "
+                    "failure of that key store); see the message and aws kms describe-key"
+                )
+                return KeyAccessDeniedError(f"AWS KMS {what}: {hint} (KMSInvalidStateException: {message})")
+            if code == "KeyUnavailableException":
+                return BackendUnavailableError(
+                    f"AWS KMS {what}: the key is unavailable (KeyUnavailableException) after {attempts} attempt(s); "
+                    "KMS cannot reach its key material now - for a key in a custom key store, the CloudHSM cluster "
+                    "or external key store proxy is disconnected or failing (aws kms describe-custom-key-stores). "
+                    f"Retrying later may work ({message})"
                 )
             if code in _CREDENTIAL_CODES:
                 return KeyAccessDeniedError(f"AWS rejected the service's credentials for {what} ({code}: {message})")
@@ -447,7 +491,10 @@ class AwsKmsBackend:
                 f"{uri}: key {arn} has KeySpec {spec}; HelseID keys must be one of {', '.join(KMS_KEY_SPECS)}"
             )
         if meta.get("KeyState") != "Enabled":
-            raise KeyAccessDeniedError(f"{uri}: key {arn} is {meta.get('KeyState')}, not Enabled")
+            state = str(meta.get("KeyState"))
+            hint = KEY_STATE_HINTS.get(state, "see aws kms describe-key")
+            when = f" (deletion date {meta['DeletionDate']})" if meta.get("DeletionDate") else ""
+            raise KeyAccessDeniedError(f"{uri}: key {arn} is {state}{when}, not Enabled; {hint}")
         public_der = self._call("get_public_key", f"GetPublicKey {arn}", deadline, KeyId=arn)["PublicKey"]
         public_key = _load_public_key(public_der, spec, arn)
         if ref.alias:
@@ -620,6 +667,36 @@ class AwsKmsBackend:
         return dataclasses.replace(
             resolved, uri=f"awskms:{alias}", handle=dataclasses.replace(resolved.handle, alias=alias)
         )
+
+
+def _state_in(message: str) -> str | None:
+    """The key state a KMS error message names (``"<ARN> is pending deletion."``), or None."""
+    lowered = message.lower()
+    for words, state in sorted(_STATE_WORDS.items(), key=lambda item: -len(item[0])):
+        if f" is {words}" in lowered:
+            return state
+    return None
+
+
+def _access_denied_cause(message: str) -> str:
+    """What an AccessDeniedException message says is missing (IAM's wording: "with an explicit
+    deny in a ... policy", "because no identity-based / resource-based policy allows ...")."""
+    action = re.search(r"perform: (kms:\w+)", message)
+    what = action.group(1) if action else "this KMS action"
+    lowered = message.lower()
+    if "explicit deny" in lowered:
+        return (
+            f"an explicit Deny for {what} applies to the service's AWS identity (in the key policy, an IAM policy, "
+            "a permissions boundary or an SCP); remove or narrow that Deny"
+        )
+    if "no resource-based policy allows" in lowered:
+        return f"the key policy does not allow {what} for the service's AWS identity; add it to the key policy"
+    if "no identity-based policy allows" in lowered:
+        return f"no IAM policy of the service's AWS identity allows {what}; attach one that does"
+    return (
+        f"the service's AWS identity lacks {what} in the key policy or its IAM policy (or a grant); "
+        "allow it there"
+    )
 
 
 def _load_public_key(der: bytes, spec: str, arn: str) -> PublicKey:

@@ -22,15 +22,21 @@ Signing (bug-kinds 1, 5, 6): the vault gets the SHA-2 digest of the JWS signing 
 already JOSE ``R || S`` and is returned as it is (no DER conversion); its width is checked
 (64/96/132 bytes; RSA: the modulus length). ``alg`` comes from configuration.
 
-Errors and throttling (bug-kinds 24): azure-core's RetryPolicy retries 429 (honouring
-``Retry-After``), 408/5xx and connection errors, with jittered exponential backoff, but
-never past the caller's deadline: a retry whose wait would end after the deadline is not
-made, and each attempt's connect and read timeouts are cut to the time left. Without a
-deadline a default budget applies (:data:`DEFAULT_BUDGET_S`), so no loop is unbounded.
-Mapped to typed errors: 429 after the retries -> BackendThrottledError
-(RESOURCE_EXHAUSTED); 401/403 -> KeyAccessDeniedError (FAILED_PRECONDITION) naming the
-role; 404 -> KeyNotFoundError; unreachable, 5xx, timeouts -> BackendUnavailableError
-(UNAVAILABLE); other 4xx -> BackendConfigError.
+Errors and throttling (bug-kinds 24): azure-core's RetryPolicy retries 429, 408/5xx and
+connection errors, never past the caller's deadline: a retry whose wait would end after
+the deadline is not made, and each attempt's connect and read timeouts are cut to the time
+left. A 429 with ``Retry-After`` waits that long; a bare 429 (what real vaults send) waits
+1, 2, 4, 8, 16 s, jittered, as Microsoft's throttling guidance asks. Without a deadline a
+default budget applies (:data:`DEFAULT_BUDGET_S`; ``keys create``: :data:`CREATE_BUDGET_S`,
+retrying only 429 and unsent requests), so no loop is unbounded. Mapped to typed errors:
+429 after the retries -> BackendThrottledError (RESOURCE_EXHAUSTED); 403 ->
+KeyAccessDeniedError (FAILED_PRECONDITION) with a hint chosen by the vault's
+``innererror.code`` (RBAC, access policy, firewall, disabled key, key_ops without sign) or
+naming the key's nbf/exp window; 401 -> KeyAccessDeniedError (token not accepted); 404 ->
+KeyNotFoundError; unreachable, 5xx, timeouts -> BackendUnavailableError (UNAVAILABLE);
+other 4xx -> BackendConfigError. :meth:`AzureKvBackend.resolve` refuses a key version
+outside its ``nbf``/``exp`` window (the vault still answers GET for it, but will not sign)
+and warns when ``exp`` is less than :data:`VALIDITY_WARNING_DAYS` days away.
 
 Tests run against a local stand-in of the REST API (``tests/support/azure_kv_standin.py``);
 this backend has NOT been run against a real vault (docs/backends/azure-key-vault.md).
@@ -40,6 +46,7 @@ from __future__ import annotations
 
 import contextvars
 import hashlib
+import json
 import logging
 import os
 import random
@@ -47,6 +54,7 @@ import re
 import threading
 import time
 from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
 from typing import Any, ClassVar, Literal
 from urllib.parse import urlsplit
 
@@ -89,6 +97,16 @@ CONNECT_TIMEOUT_S = 5.0
 READ_TIMEOUT_S = 10.0
 #: A retry is not started with less than this left before the deadline (seconds).
 MIN_ATTEMPT_S = 0.05
+#: Waits (seconds) after the 1st, 2nd, ... 429 without Retry-After in one call: Microsoft's
+#: Key Vault throttling guidance (overview-throttling); the last one repeats.
+THROTTLE_BACKOFF_S = (1.0, 2.0, 4.0, 8.0, 16.0)
+#: Time budget (seconds) of ``keys create``: an operator waits, and throttling by the vault
+#: (counted per 10-second window) may take a few windows to pass.
+CREATE_BUDGET_S = 60.0
+#: A key whose ``exp`` is less than this many days away gets a warning at resolve (start-up
+#: log, ``helseid-signer check``): the same period as HelseID registration expiry warnings
+#: (rotation.EXPIRY_WARNING_DAYS).
+VALIDITY_WARNING_DAYS = 14
 
 #: Host suffixes of Azure Key Vault vaults and Managed HSMs (public, China, US Gov clouds).
 VAULT_SUFFIXES = (".vault.azure.net", ".vault.azure.cn", ".vault.usgovcloudapi.net", ".vault.microsoftazure.de")
@@ -113,12 +131,61 @@ HSM_ROLE_HINT = (
     "(in a Managed HSM, the vault roles such as 'Key Vault Crypto User' do not apply)"
 )
 HSM_CREATE_ROLE_HINT = "creating keys in a Managed HSM needs the local role 'Managed HSM Crypto Officer'"
+VALIDITY_HINT = (
+    "Create a new key version (or key), register its public JWK with HelseID and configure it; or, if the "
+    "window was set by mistake, change the version's expiry/activation date (az keyvault key set-attributes "
+    "--expires/--not-before)"
+)
+
+
+def _rbac_hint(create: bool, hsm: bool) -> str:
+    role = {
+        (False, False): "'Key Vault Crypto User'",
+        (True, False): "'Key Vault Crypto Officer'",
+        (False, True): "the Managed HSM local role 'Managed HSM Crypto User'",
+        (True, True): "the Managed HSM local role 'Managed HSM Crypto Officer'",
+    }[(create, hsm)]
+    return (
+        f"Azure RBAC has no role assignment that allows this: assign {role} to the service's identity on the "
+        "key or vault (a new assignment can take several minutes to apply)"
+    )
+
+
+def _policy_hint(create: bool, _hsm: bool) -> str:
+    perms = "get and create" if create else "get and sign"
+    return (
+        f"the vault uses access policies (not Azure RBAC) and none gives the service's identity the key "
+        f"permissions {perms}: add them to the identity's access policy "
+        f"(az keyvault set-policy --key-permissions {perms.replace(' and ', ' ')})"
+    )
+
+
+#: innererror.code of a 403 -> the operator's hint (a text, or a function of (create, hsm)).
+FORBIDDEN_HINTS: dict[str, Any] = {
+    "ForbiddenByRbac": _rbac_hint,
+    "ForbiddenByPolicy": _policy_hint,
+    "ForbiddenByFirewall": (
+        "the vault's firewall refused the service's network address - no role or permission helps: add the "
+        "host's outbound IP address or subnet to the vault's networking rules, or reach the vault through a "
+        "private endpoint"
+    ),
+    "KeyDisabled": (
+        "the key version is disabled in the vault: enable it (az keyvault key set-attributes --enabled true) "
+        "or configure another key"
+    ),
+    "KeyOperationForbidden": (
+        "the key version's permitted operations (key_ops) do not include sign: allow it (az keyvault key "
+        "set-attributes --ops sign verify) or create a signing key with helseid-signer keys create"
+    ),
+}
 
 _KTY_FAMILY = {"RSA": KeyType.RSA, "RSA-HSM": KeyType.RSA, "EC": KeyType.EC, "EC-HSM": KeyType.EC}
 
 #: The caller's deadline (``time.monotonic()`` seconds) of the call in progress on this
 #: thread; read by the retry and timeout policies below.
 _DEADLINE: contextvars.ContextVar[float | None] = contextvars.ContextVar("azurekv_deadline", default=None)
+#: True while a call runs that must not be repeated once the vault may have acted on it.
+_UNPROCESSED_ONLY: contextvars.ContextVar[bool] = contextvars.ContextVar("azurekv_unprocessed_only", default=False)
 
 
 @dataclass(frozen=True)
@@ -193,14 +260,25 @@ class _Handle:
     key_ops: frozenset[str]
     client: CryptographyClient
     exportable: bool | None = None
+    not_before: datetime | None = None
+    expires_on: datetime | None = None
 
 
 class DeadlineRetryPolicy(RetryPolicy):
     """azure-core's RetryPolicy, bounded by the call's deadline and jittered.
 
-    * The wait before a retry is ``Retry-After`` when the service sent one (+0-10 % jitter),
-      otherwise exponential backoff with jitter (50-100 % of ``backoff_factor * 2**n``,
-      at most ``backoff_max``).
+    * The wait before a retry is ``Retry-After`` when the service sent one (+0-10 % jitter).
+    * A 429 without ``Retry-After`` - what real vaults send - waits as Microsoft's Key Vault
+      throttling guidance asks (learn.microsoft.com/azure/key-vault/general/overview-throttling,
+      "Recommended client throttling method"): 1 s, then 2, 4, 8, 16 s for each further
+      429 of the same call (:data:`THROTTLE_BACKOFF_S`), each stretched by 0-25 % random
+      jitter so that replicas throttled together do not come back together.
+    * Other retryable failures (408, 5xx, connection errors): azure-core's exponential
+      backoff, 50-100 % of ``backoff_factor * 2**n``, at most ``backoff_max``.
+    * In a call that must not be repeated once the vault may have acted on it (``keys
+      create``: each POST adds a key version), only answers that prove nothing was done are
+      retried: 429 (Key Vault does not process a throttled request) and errors raised
+      before the request was sent. A 5xx or a timeout is returned at once.
     * A retry is not made when its wait would end within :data:`MIN_ATTEMPT_S` of the
       deadline: the last response (e.g. the 429) or error is returned at once instead.
     * The retry policy's total ``timeout`` is the time left to the deadline.
@@ -236,11 +314,18 @@ class DeadlineRetryPolicy(RetryPolicy):
                 metrics.BACKEND_THROTTLED.labels("azurekv").inc()
                 with self._count_lock:
                     self.throttled += 1
+        if _UNPROCESSED_ONLY.get() and status != 429 and not isinstance(error, ServiceRequestError):
+            log.debug("azurekv: no retry of a call that may have been carried out (status %s, %r)", status, error)
+            return False
         if not super().increment(settings, response=response, error=error):
             return False
         retry_after = self.get_retry_after(response) if isinstance(response, PipelineResponse) else None
         if retry_after:
             delay = retry_after * random.uniform(1.0, 1.1)
+        elif status == 429:
+            throttled = sum(1 for h in settings["history"] if getattr(h.http_response, "status_code", None) == 429)
+            step = THROTTLE_BACKOFF_S[min(throttled, len(THROTTLE_BACKOFF_S)) - 1]
+            delay = step * random.uniform(1.0, 1.25)
         else:
             delay = self.get_backoff_time(settings) * random.uniform(0.5, 1.0)
         deadline = settings.get("deadline")
@@ -315,7 +400,9 @@ class AzureKvBackend:
 
     Keyword args are the fields of :class:`AzureKvSettings`
     (``[backends.azurekv]``), plus ``token_credential``: an object with ``get_token`` to
-    use instead of the configured credential (tests, or an embedding application).
+    use instead of the configured credential (tests, or an embedding application), and
+    ``transport``: an azure-core ``HttpTransport`` for every client (an embedding
+    application's proxy set-up; the tests' replay of recorded vault answers).
 
     Raises BackendConfigError for invalid settings or an unusable client certificate.
     """
@@ -323,13 +410,14 @@ class AzureKvBackend:
     scheme: ClassVar[str] = "azurekv"
     Settings: ClassVar[type[BackendSettings]] = AzureKvSettings
 
-    def __init__(self, *, token_credential: Any = None, **settings: Any) -> None:
+    def __init__(self, *, token_credential: Any = None, transport: Any = None, **settings: Any) -> None:
         try:
             self.settings = AzureKvSettings.model_validate(settings)
         except ValidationError as exc:
             problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
             raise BackendConfigError(f"[backends.azurekv]: {problems}") from None
         self._credential = token_credential if token_credential is not None else self._make_credential()
+        self._transport = transport
         self._key_clients: dict[str, KeyClient] = {}
         self._crypto_clients: dict[str, CryptographyClient] = {}  # versioned key URL -> client
         self._policies: list[DeadlineRetryPolicy] = []
@@ -374,6 +462,8 @@ class AzureKvBackend:
         }
         if self.settings.ca_bundle:
             options["connection_verify"] = self.settings.ca_bundle
+        if self._transport is not None:
+            options["transport"] = self._transport
         return options
 
     def _key_client(self, vault_url: str) -> KeyClient:
@@ -392,8 +482,9 @@ class AzureKvBackend:
 
     def resolve(self, uri: str, deadline: float | None = None) -> ResolvedKey:
         """Pin ``uri`` to one key version: the named one, or the current one for a
-        versionless reference. Checks the key is enabled, allows ``sign`` and is RSA or EC
-        on P-256/P-384/P-521."""
+        versionless reference. Checks the key is enabled, allows ``sign``, is within its
+        ``nbf``/``exp`` validity window (KeyAccessDeniedError naming the date otherwise) and
+        is RSA or EC on P-256/P-384/P-521."""
         ref = self.parse(uri)
         with self._deadline(deadline):
             try:
@@ -424,6 +515,12 @@ class AzureKvBackend:
             raise KeyAccessDeniedError(f"key {key.id} is disabled in the vault")
         if "sign" not in key_ops:
             raise BackendConfigError(f"key {key.id} does not allow the sign operation (key_ops {sorted(key_ops)})")
+        not_before, expires_on = key.properties.not_before, key.properties.expires_on
+        window = _window_problem(not_before, expires_on)
+        if window is not None:  # the vault answers GET for it, but refuses to sign
+            raise KeyAccessDeniedError(
+                f"key {key.id} {window}: the vault refuses to sign outside a key's nbf/exp window. {VALIDITY_HINT}"
+            )
         public_key = _public_key(key)
         with self._lock:  # one client per key version, however often it is resolved
             client = self._crypto_clients.get(key.id)
@@ -438,6 +535,8 @@ class AzureKvBackend:
             key_ops=key_ops,
             client=client,
             exportable=key.properties.exportable,
+            not_before=not_before,
+            expires_on=expires_on,
         )
         return ResolvedKey(uri=uri, version=key.id, public_key=public_key, handle=handle)
 
@@ -445,9 +544,19 @@ class AzureKvBackend:
         """:class:`~.base.CustodyReporter`: what the vault said about the key version at
         resolve. ``exportable = true`` (a key with a release policy: it can be released out
         of the vault) and a software-protected key type (``RSA``/``EC``, not
-        ``RSA-HSM``/``EC-HSM``: the private key is not in an HSM) each get a warning."""
+        ``RSA-HSM``/``EC-HSM``: the private key is not in an HSM) each get a warning, and so
+        does a key version whose ``exp`` is less than :data:`VALIDITY_WARNING_DAYS` days away
+        (the vault refuses to sign after it; start-up log and ``helseid-signer check``)."""
         handle: _Handle = key.handle
         problems = []
+        if handle.expires_on is not None:
+            left = handle.expires_on - datetime.now(UTC)
+            if left < timedelta(days=VALIDITY_WARNING_DAYS):
+                problems.append(
+                    f"the key version expires at {_iso(handle.expires_on)} (its exp attribute, "
+                    f"{max(0, int(left.total_seconds() // 86400))} day(s) left): the vault will refuse to sign after "
+                    "that; create and register the next key now"
+                )
         if handle.exportable:
             problems.append("private key is exportable (exportable = true: a release policy can release it)")
         if handle.kty in ("RSA", "EC"):
@@ -471,9 +580,10 @@ class AzureKvBackend:
         """Sign the digest of ``signing_input`` with the pinned version; JOSE bytes back.
 
         ``deadline``: ``time.monotonic()`` seconds by which the answer is needed; retries
-        (429 with Retry-After, 5xx, connection errors) stop before it. None: the default
-        budget. Raises BackendThrottledError, KeyAccessDeniedError, KeyNotFoundError,
-        BackendUnavailableError.
+        (429 after ``Retry-After`` or Microsoft's 1-2-4-8-16 s back-off, 5xx, connection
+        errors) stop before it. None: the default budget. Raises BackendThrottledError,
+        KeyAccessDeniedError (the vault's 403 reason, or the version's nbf/exp window, named),
+        KeyNotFoundError, BackendUnavailableError.
         """
         handle: _Handle = key.handle
         digest = hashlib.new(alg.hash_name, signing_input).digest()
@@ -492,7 +602,7 @@ class AzureKvBackend:
                     retry_on_methods=frozenset({"GET", "POST"}),  # signing again is harmless
                 )
             except Exception as exc:
-                error = self._error(exc, f"signing with {handle.kid}", hsm=handle.ref.managed_hsm)
+                error = self._error(exc, f"signing with {handle.kid}", hsm=handle.ref.managed_hsm, handle=handle)
                 if not isinstance(error, BackendThrottledError):
                     self._healthy = False
                 raise error from exc
@@ -600,9 +710,12 @@ class AzureKvBackend:
             options["size"] = int(size)
         else:
             options["curve"] = CURVES["P-" + size[1:]].name
-        with self._deadline(None):
+        # A throttled create (429: not processed) is retried with Microsoft's back-off within
+        # CREATE_BUDGET_S; a 5xx or a timeout is not, since the vault may have made the key
+        # and a second POST would add a second version (docs/backends/azure-key-vault.md).
+        with self._deadline(time.monotonic() + CREATE_BUDGET_S), _unprocessed_only():
             try:
-                key = client.create_key(ref.name, kty, **options)
+                key = client.create_key(ref.name, kty, retry_on_methods=frozenset({"GET", "POST"}), **options)
             except Exception as exc:
                 raise self._error(exc, f"creating {ref.key_url()}", create=True, hsm=ref.managed_hsm) from exc
         log.info("azurekv: created %s (%s %s)", key.id, kty, key_spec)
@@ -622,8 +735,20 @@ class AzureKvBackend:
             "throttled": sum(p.throttled for p in self._policies),
         }
 
-    def _error(self, exc: Exception, what: str, *, create: bool = False, hsm: bool = False) -> BackendError:
-        """Map an azure-core / azure-identity exception to a typed backend error."""
+    def _error(
+        self, exc: Exception, what: str, *, create: bool = False, hsm: bool = False, handle: _Handle | None = None
+    ) -> BackendError:
+        """Map an azure-core / azure-identity exception to a typed backend error whose text
+        says what the vault answered and what the operator should change.
+
+        A 403 is told apart by the ``innererror.code`` the vault sends (Key Vault REST
+        reference, "Azure Key Vault error codes" and the Azure SDK troubleshooting guides):
+        ``ForbiddenByRbac``, ``ForbiddenByPolicy`` (access policies), ``ForbiddenByFirewall``,
+        ``KeyDisabled``, ``KeyOperationForbidden``; each gets its own hint (:data:`FORBIDDEN_HINTS`).
+        When ``handle`` (the signing key version) is outside its ``nbf``/``exp`` window, the
+        refusal is named as that whatever code came with it. A 401 means the vault did not
+        accept the service's token (another tenant, or an identity that is gone).
+        """
         if isinstance(exc, BackendError):
             return exc
         hint = {
@@ -635,22 +760,59 @@ class AzureKvBackend:
         if isinstance(exc, HttpResponseError) and exc.status_code is not None:
             status = exc.status_code
             detail = _service_message(exc)
+            inner = _inner_code(exc)
             if status == 429:
                 return BackendThrottledError(f"{what}: the vault is throttling (HTTP 429) past the deadline: {detail}")
-            if status in (401, 403):
-                return KeyAccessDeniedError(f"{what}: access denied (HTTP {status}): {hint}. Vault said: {detail}")
+            if status == 403:
+                window = _window_problem(handle.not_before, handle.expires_on) if handle is not None else None
+                if window is not None:
+                    return KeyAccessDeniedError(
+                        f"{what}: the vault refused (HTTP 403{', ' + inner if inner else ''}): the key version "
+                        f"{window}; a vault signs only within a key's nbf/exp window. {VALIDITY_HINT}. "
+                        f"Vault said: {detail}"
+                    )
+                specific = FORBIDDEN_HINTS.get(inner or "")
+                if specific is not None:
+                    text = specific(create, hsm) if callable(specific) else specific
+                    return KeyAccessDeniedError(
+                        f"{what}: the vault refused (HTTP 403, {inner}): {text}. Vault said: {detail}"
+                    )
+                return KeyAccessDeniedError(f"{what}: access denied (HTTP 403): {hint}. Vault said: {detail}")
+            if status == 401:
+                return KeyAccessDeniedError(
+                    f"{what}: the vault did not accept the service's Entra ID token (HTTP 401): check that the "
+                    f"identity exists and belongs to the vault's tenant; then {hint}. Vault said: {detail}"
+                )
             if status == 404:
                 return KeyNotFoundError(f"{what}: no such key (HTTP 404): {detail}")
             if status in (408,) or status >= 500:
-                return BackendUnavailableError(f"{what}: the vault answered HTTP {status}: {detail}")
+                again = (
+                    " The key may have been created nonetheless: look for it in the vault before creating it again"
+                    if create
+                    else ""
+                )
+                return BackendUnavailableError(f"{what}: the vault answered HTTP {status}: {detail}.{again}")
             return BackendConfigError(f"{what}: the vault refused the request (HTTP {status}): {detail}")
         if isinstance(exc, ClientAuthenticationError):  # no token: no usable identity, or Entra ID refused it
             return KeyAccessDeniedError(f"{what}: could not authenticate to Azure: {exc}; {hint}")
         if isinstance(exc, ServiceRequestError | ServiceResponseError):
-            return BackendUnavailableError(f"{what}: the vault cannot be reached: {type(exc).__name__}: {exc}")
+            again = ""
+            if create and isinstance(exc, ServiceResponseError):
+                again = ". The key may have been created nonetheless: look for it in the vault before creating it again"
+            return BackendUnavailableError(f"{what}: the vault cannot be reached: {type(exc).__name__}: {exc}{again}")
         if isinstance(exc, AzureError):
             return BackendUnavailableError(f"{what}: {type(exc).__name__}: {exc}")
         return BackendUnavailableError(f"{what}: unexpected {type(exc).__name__}: {exc}")
+
+
+class _unprocessed_only:  # noqa: N801 - used as a context manager
+    """Within the block, retries are limited to answers proving the vault did nothing."""
+
+    def __enter__(self) -> None:
+        self._token = _UNPROCESSED_ONLY.set(True)
+
+    def __exit__(self, *exc: object) -> None:
+        _UNPROCESSED_ONLY.reset(self._token)
 
 
 class _DeadlineScope:
@@ -681,6 +843,40 @@ def _same_key_version(kid: str, handle: _Handle) -> bool:
         and segments[1].lower() == handle.ref.name.lower()
         and segments[2] == handle.version
     )
+
+
+def _inner_code(exc: HttpResponseError) -> str | None:
+    """The ``error.innererror.code`` of a Key Vault error body (``ForbiddenByRbac`` ...), or None."""
+    model = getattr(exc, "model", None)
+    inner = getattr(getattr(model, "error", None), "inner_error", None)
+    code = getattr(inner, "code", None)
+    if code:
+        return str(code)
+    response = getattr(exc, "response", None)
+    try:
+        body = json.loads(response.text()) if response is not None else None
+    except Exception:  # noqa: BLE001 - an empty or non-JSON body (Managed HSM 401) has no inner code
+        return None
+    error = body.get("error") if isinstance(body, dict) else None
+    inner = error.get("innererror") if isinstance(error, dict) else None
+    code = inner.get("code") if isinstance(inner, dict) else None
+    return str(code) if code else None
+
+
+def _window_problem(
+    not_before: datetime | None, expires_on: datetime | None, now: datetime | None = None
+) -> str | None:
+    """Why ``now`` is outside a key's validity window (``nbf``/``exp`` attributes), or None."""
+    now = now or datetime.now(UTC)
+    if expires_on is not None and now >= expires_on:
+        return f"expired at {_iso(expires_on)} (its exp attribute)"
+    if not_before is not None and now < not_before:
+        return f"is not valid before {_iso(not_before)} (its nbf attribute)"
+    return None
+
+
+def _iso(moment: datetime) -> str:
+    return moment.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 def _service_message(exc: HttpResponseError) -> str:

@@ -69,10 +69,15 @@ class KeyReplacedError(BackendError):
 
 
 class KeyAccessDeniedError(BackendError):
-    """The service lacks rights to the key, or the key is disabled."""
+    """The key store refuses the key to this service until an operator acts: no rights (a
+    role, a key or access policy, a firewall rule), or the key cannot sign in its state
+    (disabled, outside its validity window, pending deletion, key_ops without sign)."""
 
     grpc_code = "FAILED_PRECONDITION"
-    summary = "the key store refused to sign (the key is disabled, or the signer lacks rights to it)"
+    summary = (
+        "the key store refused to sign (the key is disabled, expired or being deleted, or the signer lacks rights "
+        "or network access to it)"
+    )
 
 
 @dataclass(frozen=True)
