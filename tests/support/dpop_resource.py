@@ -199,9 +199,7 @@ def _handler(api: RecordingApi) -> type[BaseHTTPRequestHandler]:
                 return
             if path.startswith("/api/"):
                 try:
-                    _, seen.proof = check(
-                        script, api.keys, api.issuer, self.command, api.base_url + self.path, headers
-                    )
+                    _, seen.proof = check(script, api.keys, api.issuer, self.command, api.base_url + self.path, headers)
                 except Refused as exc:
                     extra = {"WWW-Authenticate": f'DPoP error="{exc.error}", algs="ES256 PS256"'}
                     if script.require_nonce:

@@ -289,9 +289,7 @@ class TokenClient(_TokenClientBase):
         proof = self.signer.sign_dpop_proof(self.profile, "POST", info.token_endpoint, nonce=self._nonce)
         form = token_form(info.client_id, self.scope, assertion.jwt)
         # never follow a redirect: the assertion and proof are for the token endpoint only
-        response = self._http.post(
-            info.token_endpoint, data=form, headers={"DPoP": proof.jwt}, follow_redirects=False
-        )
+        response = self._http.post(info.token_endpoint, data=form, headers={"DPoP": proof.jwt}, follow_redirects=False)
         self._remember_nonce(response)
         return response, proof.jkt
 
