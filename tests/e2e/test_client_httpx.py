@@ -243,6 +243,24 @@ def test_redirect_is_refused_and_its_target_gets_nothing(world, follow, where):
         assert refused.response.status_code == 307
 
 
+def test_async_client_following_redirects_stops_before_the_next_hop(world):
+    async def run() -> RedirectRefused | None:
+        async with AsyncSignerClient(world.address) as signer, AsyncTokenClient(signer, PROFILE, SCOPE) as tokens:
+            auth = DPoPAuth(tokens)
+            async with httpx.AsyncClient(auth=auth, base_url=world.api.base_url, follow_redirects=True) as client:
+                try:
+                    await client.get("/api/moved")
+                except RedirectRefused as exc:
+                    return exc
+        return None
+
+    world.api.reset(redirects={"/api/moved": world.other.base_url + "/steal"})
+    world.other.reset()
+    refused = asyncio.run(run())
+    assert world.other.state.seen == [], "the redirect target received nothing"
+    assert refused is not None and refused.location == world.other.base_url + "/steal"
+
+
 # 4. Nonces are checked before they are stored --------------------------------------------
 
 
