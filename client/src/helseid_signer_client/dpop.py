@@ -226,9 +226,24 @@ class DPoPAuth(httpx.Auth):
         return self.probe_nonce and not body.replayable and self.nonces.get(where) is None and where not in self._probed
 
     @staticmethod
-    def _probe_request(request: httpx.Request) -> httpx.Request:
+    def _probe_request(request: httpx.Request, asynchronous: bool) -> httpx.Request:
+        """A ``HEAD`` to the request's URL (same timeouts), guarded against redirects."""
         extensions = {k: v for k, v in request.extensions.items() if k != "trace"}
-        return httpx.Request("HEAD", request.url, extensions=extensions)
+        probe = httpx.Request("HEAD", request.url, extensions=extensions)
+        _RedirectGuard(probe, asynchronous)
+        return probe
+
+    def _after_probe(self, probe: httpx.Request, response: httpx.Response, token: AccessToken) -> None:
+        """Learn the origin's nonce from the probe's answer (whatever its status); drop a
+        refused token. Never retried: the request that follows carries what was learnt."""
+        if response.request is not probe:
+            url = str(probe.url.copy_with(query=None, fragment=None))
+            raise RedirectRefused(url, str(response.url.copy_with(query=None, fragment=None)), response)
+        where = _origin(probe.url)
+        self._probed.add(where)
+        self.nonces.remember(where, response.headers.get("DPoP-Nonce"))
+        if _classify(response) is Answer.INVALID_TOKEN:
+            self.token_client.invalidate(token)
 
     def _after(
         self, request: httpx.Request, response: httpx.Response, body: _Body, attempts: Attempts, token: AccessToken
@@ -254,15 +269,10 @@ class DPoPAuth(httpx.Auth):
         tokens = self._sync_client()
         body, where, attempts = _Body(request), _origin(request.url), Attempts()
         if self._needs_probe(where, body):
-            probe = self._probe_request(request)
-            _RedirectGuard(probe, asynchronous=False)
+            probe = self._probe_request(request, asynchronous=False)
             headers, token = sign_request(tokens, "HEAD", str(probe.url), None)
             probe.headers.update(headers)
-            response = yield probe
-            self._probed.add(where)
-            self.nonces.remember(where, response.headers.get("DPoP-Nonce"))
-            if _classify(response) is Answer.INVALID_TOKEN:
-                tokens.invalidate(token)
+            self._after_probe(probe, (yield probe), token)
         _RedirectGuard(request, asynchronous=False)
         while True:
             headers, token = sign_request(tokens, request.method, str(request.url), self.nonces.get(where))
@@ -277,15 +287,10 @@ class DPoPAuth(httpx.Auth):
         tokens = self._async_client()
         body, where, attempts = _Body(request), _origin(request.url), Attempts()
         if self._needs_probe(where, body):
-            probe = self._probe_request(request)
-            _RedirectGuard(probe, asynchronous=True)
+            probe = self._probe_request(request, asynchronous=True)
             headers, token = await asign_request(tokens, "HEAD", str(probe.url), None)
             probe.headers.update(headers)
-            response = yield probe
-            self._probed.add(where)
-            self.nonces.remember(where, response.headers.get("DPoP-Nonce"))
-            if _classify(response) is Answer.INVALID_TOKEN:
-                tokens.invalidate(token)
+            self._after_probe(probe, (yield probe), token)
         _RedirectGuard(request, asynchronous=True)
         while True:
             headers, token = await asign_request(tokens, request.method, str(request.url), self.nonces.get(where))
