@@ -261,6 +261,16 @@ def test_redirect_is_refused_and_its_target_gets_nothing(world, follow, where):
         assert refused.response.status_code == 307
 
 
+def test_an_applications_own_trace_extension_is_still_called(world):
+    world.api.reset()
+    events: list[str] = []
+    tokens, _ = token_client(world)
+    with tokens, api_client(world, tokens, follow_redirects=True) as client:
+        answer = client.get("/api/whoami", extensions={"trace": lambda name, info: events.append(name)})
+    assert answer.status_code == 200
+    assert "http11.send_request_headers.started" in events and "http11.receive_response_headers.complete" in events
+
+
 def test_async_client_following_redirects_stops_before_the_next_hop(world):
     async def run() -> RedirectRefused | None:
         async with AsyncSignerClient(world.address) as signer, AsyncTokenClient(signer, PROFILE, SCOPE) as tokens:

@@ -72,9 +72,13 @@ BODIES = {
 }
 
 
+CHALLENGES = {"nonce": {"require_nonce": True}, "refused-token": {"refuse_token": 1}}
+
+
+@pytest.mark.parametrize("challenge", list(CHALLENGES))
 @pytest.mark.parametrize("kind", list(BODIES))
-def test_first_upload_to_a_nonce_demanding_api_arrives_whole(world, session, data_file, kind):
-    world.api.reset(require_nonce=True)
+def test_first_upload_arrives_whole(world, session, data_file, kind, challenge):
+    world.api.reset(**CHALLENGES[challenge])
     answer = session.post(world.api.base_url + "/api/upload", timeout=TIMEOUT, **BODIES[kind](data_file))
     assert answer.status_code == 201, answer.text
     if kind == "multipart":
@@ -91,6 +95,14 @@ def test_empty_generator_upload_is_sent_once_as_empty(world, session):
     answer = session.post(world.api.base_url + "/api/upload", data=chunks(b""), timeout=TIMEOUT)
     assert answer.status_code == 201 and answer.json()["sha256"] == EMPTY_SHA
     assert [s.method for s in world.api.state.seen] == ["HEAD", "HEAD", "POST"], "probe, its nonce retry, upload"
+
+
+@pytest.mark.parametrize("body", [lambda: b"", lambda: None, lambda: iter([])], ids=["bytes", "none", "iterator"])
+def test_empty_upload_arrives_as_empty(world, session, body):
+    world.api.reset(require_nonce=True, refuse_token=1)
+    answer = session.post(world.api.base_url + "/api/upload", data=body(), timeout=TIMEOUT)
+    assert answer.status_code == 201 and (answer.json()["length"], answer.json()["sha256"]) == (0, EMPTY_SHA)
+    assert all(s.body == b"" for s in world.api.state.seen)
 
 
 def test_one_shot_body_without_a_probe_is_refused_not_resent(world, tokens):
