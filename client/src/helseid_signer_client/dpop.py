@@ -205,6 +205,10 @@ class DPoPAuth(httpx.Auth):
     """
 
     requires_response_body = False
+    #: Must stay False: True would make httpx read the whole body into memory before the
+    #: flow starts. Bodies stream; the flow decides from the body's kind whether it can be
+    #: sent again (see :class:`_Body`).
+    requires_request_body = False
 
     def __init__(self, token_client: TokenClient | AsyncTokenClient, *, probe_nonce: bool = True) -> None:
         self.token_client = token_client

@@ -41,7 +41,9 @@ import requests.auth
 from ._rules import Action, Answer, Attempts, NonceStore, classify, origin
 from .dpop import sign_request
 from .errors import RedirectRefused, UnreplayableBodyError
-from .token import AccessToken, TokenClient
+from .token import DEFAULT_HTTP_TIMEOUT, AccessToken, TokenClient
+
+PROBE_TIMEOUT = DEFAULT_HTTP_TIMEOUT  # seconds for the nonce HEAD (requests gives an auth no caller timeout)
 
 
 def _origin(url: str) -> str:
@@ -112,11 +114,13 @@ class RequestsDPoPAuth(requests.auth.AuthBase):
         return token
 
     def _probe(self, url: str) -> None:
-        where = _origin(url)
-        self._probed.add(where)
+        """``HEAD url`` through the session (this auth signs it and learns the nonce from its
+        answer). An optimisation only: a redirect or a transport failure is left to the
+        request that follows."""
+        self._probed.add(_origin(url))
         try:
-            self.session.head(url, auth=self, allow_redirects=False).close()  # type: ignore[union-attr]
-        except RedirectRefused:
+            self.session.head(url, auth=self, allow_redirects=False, timeout=PROBE_TIMEOUT).close()  # type: ignore[union-attr]
+        except (RedirectRefused, requests.RequestException):
             pass
 
     def __call__(self, request: requests.PreparedRequest) -> requests.PreparedRequest:
