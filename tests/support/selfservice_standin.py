@@ -74,8 +74,8 @@ def _b64url(data: bytes) -> str:
 @dataclass
 class SelfServiceStandIn:
     """The stand-in's state. Attributes set by tests: ``answer_error`` (status, body) or
-    (status, body, extra headers) to refuse every otherwise valid upload; ``expiration`` to override the answered time text;
-    ``require_nonce``."""
+    (status, body, extra headers) to refuse every otherwise valid upload; ``expiration`` to
+    override the answered time text; ``require_nonce``."""
 
     issuer: str
     jwks_uri: str
