@@ -40,7 +40,7 @@ if [ ! -x .venv/bin/python ] || [ "$(cat .venv/.setup-stamp 2>/dev/null)" != "$s
   say "creating .venv and installing pinned Python packages"
   [ -x .venv/bin/python ] || python3 -m venv .venv
   .venv/bin/python -m pip install -q --disable-pip-version-check -c requirements/constraints.txt \
-    -r requirements/dev.txt -e ./client -e './signer[pkcs11,aws,azure]'
+    -r requirements/dev.txt -e './client[requests]' -e './signer[pkcs11,aws,azure]'
   echo "$stamp_py" > .venv/.setup-stamp
 fi
 

@@ -327,6 +327,15 @@ def test_helseids_error_answer_is_printed_and_nothing_recorded(world, standin, c
     assert _records(config) == [] and standin.received == []
 
 
+def test_a_redirect_is_not_followed_and_is_named(world, standin, config):
+    standin.answer_error = (307, {}, {"Location": "http://127.0.0.1:9/elsewhere"})
+    proc = _cli(world, config, "keys", "register", "--profile", "app")
+    assert proc.returncode == 1, proc.stderr
+    assert "answered with a redirect" in proc.stderr and "http://127.0.0.1:9/elsewhere" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert _records(config) == [] and standin.received == []
+
+
 def test_a_token_refusal_is_printed_and_nothing_is_uploaded(world, standin, config):
     _fix_deftonly_client(config)
     proc = _cli(world, config, "keys", "register", "--profile", "deftonly")

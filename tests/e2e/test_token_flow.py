@@ -230,3 +230,21 @@ def test_rotated_dpop_key_makes_the_client_fetch_a_new_token(world):
     assert answer.status_code == 200, answer.text
     assert old.jkt == jwk.JWK(**world["jwks"]["dpop"]).thumbprint()
     assert new.jkt == jwk.JWK(**world["jwks"]["dpop-next"]).thumbprint() != old.jkt
+
+
+def test_requests_auth_calls_the_protected_api_with_its_nonce(world):
+    """The `requests` extra end to end: oidc-provider's token through the real signer, the
+    DEFT stand-in demanding its nonce, an upload whose body arrives whole."""
+    import requests
+
+    from helseid_signer_client.requests_auth import RequestsDPoPAuth
+
+    api = world["api"].reset(require_nonce=True)
+    with TokenClient(world["signer"], "app", SCOPE) as tokens, requests.Session() as session:
+        session.auth = RequestsDPoPAuth(tokens, session=session)
+        first = session.get(api.base_url + "/api/whoami", timeout=10)
+        upload = session.post(api.base_url + "/api/files?SenderHerId=8142987", data=b"x" * 1000, timeout=10)
+    assert first.status_code == 200, first.text
+    assert first.json() == {"client_id": CLIENT_ID, "scope": SCOPE, "htu": api.base_url + "/api/whoami"}
+    assert upload.status_code == 200 and upload.json()["received_bytes"] == 1000
+    assert api.state.accepted == 2, "the nonce retry of the first call, then the remembered nonce"

@@ -73,15 +73,15 @@ def _b64url(data: bytes) -> str:
 
 @dataclass
 class SelfServiceStandIn:
-    """The stand-in's state. Attributes set by tests: ``answer_error`` (status, body) to
-    refuse every otherwise valid upload; ``expiration`` to override the answered time text;
-    ``require_nonce``."""
+    """The stand-in's state. Attributes set by tests: ``answer_error`` (status, body) or
+    (status, body, extra headers) to refuse every otherwise valid upload; ``expiration`` to
+    override the answered time text; ``require_nonce``."""
 
     issuer: str
     jwks_uri: str
     scope: str = SCOPE
     require_nonce: bool = False
-    answer_error: tuple[int, dict[str, Any]] | None = None
+    answer_error: tuple[int, dict[str, Any]] | tuple[int, dict[str, Any], dict[str, str]] | None = None
     expiration: Callable[[], str] | None = None
     base_url: str = ""
     received: list[Upload] = field(default_factory=list)
@@ -212,9 +212,9 @@ class SelfServiceStandIn:
             )
             key = self._check_body(headers.get("Content-Type", ""), body)
             if self.answer_error is not None:
-                status, problem = self.answer_error
+                status, problem, *extra = self.answer_error
                 self.refused.append((status, "answer_error"))
-                return status, {"Content-Type": "application/problem+json"}, problem
+                return status, {"Content-Type": "application/problem+json", **(extra[0] if extra else {})}, problem
             self.received.append(Upload(key, token_claims, proof_claims, proof_header, headers.get("Content-Type")))
             expires = (datetime.now(UTC) + timedelta(days=365)).isoformat()
             return 200, {}, {"expiration": self.expiration() if self.expiration else expires}

@@ -66,6 +66,16 @@ def test_nonce_challenge_at_the_token_endpoint():
     assert nonce_challenge(challenge) == "n-1"
     assert nonce_challenge(_response(400, {"error": "invalid_client"}, {"DPoP-Nonce": "n-1"})) is None
     assert nonce_challenge(_response(401, {"error": "use_dpop_nonce"}, {"DPoP-Nonce": "n-1"})) is None
+    # A nonce the client cannot put in a proof (RFC 9449 section 8.1) is no challenge.
+    assert nonce_challenge(_response(400, {"error": "use_dpop_nonce"}, {"DPoP-Nonce": "n 1"})) is None
+    assert nonce_challenge(_response(400, {"error": "use_dpop_nonce"}, {"DPoP-Nonce": "n" * 513})) is None
+
+
+def test_token_endpoint_redirect_is_refused():
+    redirect = httpx.Response(307, headers={"Location": "https://elsewhere.example/token"})
+    with pytest.raises(TokenError) as caught:
+        parse_token_response(redirect, "j", 0)
+    assert caught.value.error == "redirect_refused" and caught.value.status_code == 307
 
 
 @pytest.mark.parametrize(
@@ -74,6 +84,7 @@ def test_nonce_challenge_at_the_token_endpoint():
         (401, {"WWW-Authenticate": 'DPoP error="use_dpop_nonce"', "DPoP-Nonce": "n"}, True),
         (401, {"WWW-Authenticate": 'DPoP algs="ES256", error="use_dpop_nonce"', "DPoP-Nonce": "n"}, True),
         (401, {"WWW-Authenticate": 'DPoP error="use_dpop_nonce"'}, False),  # no nonce to use
+        (401, {"WWW-Authenticate": 'DPoP error="use_dpop_nonce"', "DPoP-Nonce": "a b"}, False),  # not NQCHAR
         (401, {"WWW-Authenticate": 'Bearer error="use_dpop_nonce"', "DPoP-Nonce": "n"}, False),
         (401, {"WWW-Authenticate": 'DPoP error="invalid_token"', "DPoP-Nonce": "n"}, False),
         (400, {"WWW-Authenticate": 'DPoP error="use_dpop_nonce"', "DPoP-Nonce": "n"}, False),

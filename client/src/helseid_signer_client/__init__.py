@@ -11,7 +11,14 @@ Typical use::
 """
 
 from .dpop import DPoPAuth
-from .errors import DiscoveryError, HelseIdSignerError, SignerError, TokenError
+from .errors import (
+    DiscoveryError,
+    HelseIdSignerError,
+    RedirectRefused,
+    SignerError,
+    TokenError,
+    UnreplayableBodyError,
+)
 from .signer import (
     AsyncSignerClient,
     ClientAssertion,
@@ -34,9 +41,11 @@ __all__ = [
     "DpopProof",
     "HelseIdSignerError",
     "KeySet",
+    "RedirectRefused",
     "SignerClient",
     "SignerError",
     "TokenClient",
     "TokenError",
+    "UnreplayableBodyError",
     "access_token_sha256",
 ]

@@ -65,3 +65,52 @@ class TokenError(HelseIdSignerError):
 
 class DiscoveryError(HelseIdSignerError):
     """The issuer's discovery document is unreachable or does not match the profile."""
+
+
+class UnreplayableBodyError(HelseIdSignerError):
+    """A request had to be sent again - the server asked for a DPoP nonce
+    (``use_dpop_nonce``) or refused the access token (``invalid_token``) - but its body can
+    be read only once (a generator, an iterator, an async iterator, a pipe), so it was not
+    sent again. Nothing was re-sent and no success is reported for a short body: send the
+    request again with a fresh body. The nonce the server gave is remembered, and a refused
+    token was dropped from the cache, so the next attempt carries what the server asked for.
+
+    Attributes:
+        reason: ``"use_dpop_nonce"`` or ``"invalid_token"``.
+        response: the server's answer (an ``httpx.Response`` or ``requests.Response``, body
+            not read; status and headers usable).
+    """
+
+    def __init__(self, reason: str, response: object) -> None:
+        super().__init__(
+            f"the server answered {reason}: the request must be sent again, but its body can be read only once "
+            "(a generator, iterator or pipe) and was not re-sent; send it again with a new body, or give a bytes "
+            "or seekable-file body"
+        )
+        self.reason = reason
+        self.response = response
+
+
+class RedirectRefused(HelseIdSignerError):
+    """A server answered a request that carries an access token and a DPoP proof (or a
+    client assertion) with a redirect. The client never sends them to a URL they were not
+    signed for, so the redirect is not followed with them (with httpx ``follow_redirects=True``
+    the next hop is stopped before its headers are sent). To go on, send a new request to
+    ``location`` yourself: it gets a new proof, and the signer refuses a URL outside the
+    profile's ``api_base_urls`` (PERMISSION_DENIED).
+
+    Attributes:
+        url: the URL the request was signed for (without query).
+        location: where the server redirected to (without query when known only from the hop).
+        response: the redirect answer, when there is one (None when the hop was stopped inside
+            httpx's redirect handling).
+    """
+
+    def __init__(self, url: str, location: str, response: object | None = None) -> None:
+        super().__init__(
+            f"refused to follow a redirect from {url} to {location} with an access token and DPoP proof; "
+            "send a new request to that URL if it is one the profile may call"
+        )
+        self.url = url
+        self.location = location
+        self.response = response

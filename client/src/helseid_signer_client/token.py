@@ -10,7 +10,9 @@ Flow (:meth:`TokenClient.get_token`):
 1. discovery: ``{issuer}/.well-known/openid-configuration``; its ``issuer`` and
    ``token_endpoint`` must equal what the signer's profile says (else DiscoveryError);
 2. POST to the token endpoint with a fresh client assertion and a fresh DPoP proof
-   (carrying the last ``DPoP-Nonce`` the server sent, if any);
+   (carrying the last valid ``DPoP-Nonce`` the server sent, if any: a value that is not
+   1..512 RFC 9449 NQCHAR is ignored, never stored); a redirect is never followed (the
+   assertion goes to the profile's token endpoint only): TokenError ``redirect_refused``;
 3. on HTTP 400 ``use_dpop_nonce`` with a ``DPoP-Nonce`` header: exactly one retry with a
    NEW assertion (the first spent its ``jti``) and a NEW proof carrying the nonce; a
    second ``use_dpop_nonce`` is an error, never a loop;
@@ -26,6 +28,7 @@ numbers); its token is bound to one ``jkt``.
 from __future__ import annotations
 
 import asyncio
+import logging
 import threading
 import time
 from collections.abc import Callable, Mapping
@@ -34,12 +37,15 @@ from typing import Any
 
 import httpx
 
+from ._rules import REDIRECT_STATUSES, valid_nonce
 from .errors import DiscoveryError, TokenError
 from .signer import AsyncSignerClient, ClientProfile, SignerClient
 
 CLIENT_ASSERTION_TYPE = "urn:ietf:params:oauth:client-assertion-type:jwt-bearer"
 DEFAULT_REFRESH_MARGIN = 30.0  # seconds before expiry that a cached token is replaced
 DEFAULT_HTTP_TIMEOUT = 10.0  # seconds
+
+log = logging.getLogger("helseid_signer_client")
 
 
 @dataclass(frozen=True)
@@ -87,9 +93,13 @@ def _json(response: httpx.Response) -> dict[str, Any]:
 
 
 def nonce_challenge(response: httpx.Response) -> str | None:
-    """The ``DPoP-Nonce`` of a token-endpoint ``use_dpop_nonce`` answer (HTTP 400), else None."""
+    """The ``DPoP-Nonce`` of a token-endpoint ``use_dpop_nonce`` answer (HTTP 400), else None.
+
+    A nonce that is not 1..512 RFC 9449 NQCHAR (section 8.1) is None: the client cannot put
+    it in a proof, so the answer is an error, not a challenge."""
     if response.status_code == 400 and _json(response).get("error") == "use_dpop_nonce":
-        return response.headers.get("DPoP-Nonce")
+        nonce = response.headers.get("DPoP-Nonce")
+        return nonce if valid_nonce(nonce) else None
     return None
 
 
@@ -98,7 +108,16 @@ def parse_token_response(response: httpx.Response, jkt: str, now: float) -> Acce
 
     Refuses a ``token_type`` other than DPoP (compared case-insensitively, RFC 6749
     section 5.1), a missing or non-ASCII ``access_token`` and a non-positive ``expires_in``.
+    A redirect (3xx with ``Location``) is refused as ``redirect_refused``: the client
+    assertion is never sent to a URL other than the profile's token endpoint.
     """
+    if response.status_code in REDIRECT_STATUSES and "Location" in response.headers:
+        raise TokenError(
+            "redirect_refused",
+            f"the token endpoint redirected to {response.headers['Location']}; a client assertion is sent only "
+            "to the profile's token_endpoint",
+            status_code=response.status_code,
+        )
     body = _json(response)
     if response.status_code != 200:
         raise TokenError(
@@ -187,8 +206,13 @@ class _TokenClientBase:
         return {"child_organization_number": self._child, "parent_organization_number": self._parent}
 
     def _remember_nonce(self, response: httpx.Response) -> None:
-        if "DPoP-Nonce" in response.headers:
-            self._nonce = response.headers["DPoP-Nonce"]
+        """Keep the server's ``DPoP-Nonce`` for the next proof, if it is a valid nonce (RFC 9449
+        section 8.1, 1..512 NQCHAR); an invalid one is ignored and the previous nonce kept."""
+        nonce = response.headers.get("DPoP-Nonce")
+        if valid_nonce(nonce):
+            self._nonce = nonce
+        elif nonce is not None:
+            log.warning("ignored an invalid DPoP-Nonce from the token endpoint (%d characters)", len(nonce))
 
     @staticmethod
     def _discovered(info: ClientProfile, response: httpx.Response) -> ClientProfile:
@@ -264,7 +288,8 @@ class TokenClient(_TokenClientBase):
         assertion = self.signer.sign_client_assertion(self.profile, **self._assertion_kwargs())
         proof = self.signer.sign_dpop_proof(self.profile, "POST", info.token_endpoint, nonce=self._nonce)
         form = token_form(info.client_id, self.scope, assertion.jwt)
-        response = self._http.post(info.token_endpoint, data=form, headers={"DPoP": proof.jwt})
+        # never follow a redirect: the assertion and proof are for the token endpoint only
+        response = self._http.post(info.token_endpoint, data=form, headers={"DPoP": proof.jwt}, follow_redirects=False)
         self._remember_nonce(response)
         return response, proof.jkt
 
@@ -336,7 +361,9 @@ class AsyncTokenClient(_TokenClientBase):
         assertion = await self.signer.sign_client_assertion(self.profile, **self._assertion_kwargs())
         proof = await self.signer.sign_dpop_proof(self.profile, "POST", info.token_endpoint, nonce=self._nonce)
         form = token_form(info.client_id, self.scope, assertion.jwt)
-        response = await self._http.post(info.token_endpoint, data=form, headers={"DPoP": proof.jwt})
+        response = await self._http.post(
+            info.token_endpoint, data=form, headers={"DPoP": proof.jwt}, follow_redirects=False
+        )
         self._remember_nonce(response)
         return response, proof.jkt
 

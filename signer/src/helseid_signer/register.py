@@ -35,7 +35,7 @@ from typing import Any
 
 import httpx
 
-from helseid_signer_client import DiscoveryError, DPoPAuth, SignerError, TokenClient, TokenError
+from helseid_signer_client import DiscoveryError, DPoPAuth, RedirectRefused, SignerError, TokenClient, TokenError
 
 from .config import Settings
 from .htu import HtuPolicy
@@ -358,6 +358,8 @@ def register_next_key(
             ) from None
         except (DiscoveryError, SignerError) as exc:
             raise RegistrationRefused(f"no token for the self-service API: {exc}") from None
+        except RedirectRefused as exc:  # the token and proof are never sent on to another URL
+            raise RegistrationRefused(f"HelseID self-service answered with a redirect: {exc}") from None
         except httpx.HTTPError as exc:
             try:
                 where = str(exc.request.url)
