@@ -575,7 +575,9 @@ class Routes:
         obj.files, obj.parts = [], {}
 
 
-OBJECT_ROUTE = re.compile(r"/objects/([0-9a-f-]{36})(/part|/completion|/cancellation|/download-status|/download-receipt/([^/]+))?")
+OBJECT_ROUTE = re.compile(
+    r"/objects/([0-9a-f-]{36})(/part|/completion|/cancellation|/download-status|/download-receipt/([^/]+))?"
+)
 
 
 def make_handler(state: ApiState, routes_for: callable) -> type[BaseHTTPRequestHandler]:
