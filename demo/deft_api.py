@@ -69,6 +69,7 @@ ALLOWED_ALGS = ["RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "ES256", "
 IAT_PAST, IAT_FUTURE = 6, 5  # seconds of skew accepted for a proof's iat
 PREFIX = "/api"  # where the routes live; the signer's api_base_urls point here
 CHUNK = 1 << 20  # bytes read from the socket / written to disk at a time
+FORM_CHUNK = 256 * 1024  # multipart/form-data is parsed in pieces of this size (werkzeug is fastest here)
 MAX_JSON_BYTES = 64 * 1024
 MAX_FIELD_BYTES = 4096  # a non-file form field (uploadId, partNumber)
 MAX_PART_NUMBER = 10_000  # "partNumber er begrenset til å være mellom 1 og 10 000" (NHN, Flyt)
@@ -266,8 +267,8 @@ class Body:
             self._rfile.readline(8)  # CRLF after the chunk data
         return data
 
-    def chunks(self) -> Iterator[bytes]:
-        while data := self.read():
+    def chunks(self, size: int = CHUNK) -> Iterator[bytes]:
+        while data := self.read(size):
             yield data
 
     def read_all(self, limit: int) -> bytes:
@@ -319,7 +320,7 @@ def read_form(body: Body, content_type: str, folder: Path) -> tuple[dict[str, st
     files: list[FormFile] = []
     current: tuple | None = None  # ("field", name, bytearray) | ("file", FormFile, handle, hasher)
     finished = False
-    chunks = body.chunks()
+    chunks = body.chunks(FORM_CHUNK)
     try:
         while not finished:
             event = decoder.next_event()  # raises ValueError past the end of a truncated body
@@ -774,9 +775,16 @@ class DeftApi:
             self.state.objects[obj.key] = obj
         return obj.key
 
-    def stored_bytes(self) -> int:
-        """Bytes on disk in the stand-in's folder."""
-        return sum(p.stat().st_size for p in self.state.folder.iterdir() if p.is_file())
+    def drop(self, key: str) -> int:
+        """Remove an object and its files (no HTTP; the benchmark frees its disk); the bytes it
+        had on disk, 0 for an unknown key."""
+        with self.state.lock:
+            obj = self.state.objects.pop(key, None)
+        if obj is None:
+            return 0
+        size = sum(p.stat().st_size for p in obj.files if p.exists())
+        self.routes._remove_files(obj)
+        return size
 
     def __enter__(self) -> DeftApi:
         self._thread.start()

@@ -9,16 +9,18 @@ them. Authentication is whatever ``httpx.Auth`` the client has - here ``DPoPAuth
 Every part is handed to httpx as ``bytes``: a request httpx can send again whole, so a DPoP
 nonce challenge (``DPoPAuth`` resends the request) never loses or truncates a part. Memory is
 bounded by the part size: parts are produced one at a time from an iterator and dropped once
-their answer is in. The client checks every ``eTag`` against its own SHA-256 of the part.
+their answer is in (with a young-generation GC run per part, see :meth:`DeftClient.upload`). The client checks every ``eTag`` against its own SHA-256 of the part.
 """
 
 from __future__ import annotations
 
+import gc
 import hashlib
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 
 import httpx
+from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 
 PART_SIZE = 8 * 1024 * 1024  # bytes per part by default
 
@@ -49,14 +51,18 @@ class UploadResult:
 
 def generated_parts(size: int, part_size: int = PART_SIZE, seed: int = 14) -> Iterator[bytes]:
     """``size`` bytes of pseudo-random data in parts of ``part_size`` bytes (the last shorter),
-    made on the fly and reproducible from ``seed``: nothing is stored."""
-    import random
+    made on the fly and reproducible from ``seed``: nothing is stored.
 
-    rng = random.Random(seed)
+    The bytes are the AES-128-CTR keystream under a key derived from ``seed`` (``cryptography``;
+    about 1 GB/s, where ``random.randbytes`` and ``os.urandom`` make under 100 MB/s here and
+    would be what a benchmark of the upload measures)."""
+    key = hashlib.sha256(f"deft-demo-{seed}".encode()).digest()[:16]
+    keystream = Cipher(algorithms.AES(key), modes.CTR(bytes(16))).encryptor()
+    zeros = memoryview(bytes(min(part_size, size)))  # one buffer of zeros, encrypted part after part
     left = size
     while left > 0:
         n = min(part_size, left)
-        yield rng.randbytes(n)
+        yield keystream.update(zeros[:n])
         left -= n
 
 
@@ -113,7 +119,12 @@ class DeftClient:
                 whole.update(data)
                 sent += len(data)
                 listed.append({"partNumber": number, "eTag": etag})
-                del data
+                # httpx's Response and its BoundSyncStream refer to each other, and the response
+                # holds the request, which holds the part: without a collection each part would
+                # stay in memory until the cyclic GC happened to run (measured: +150 MB for a
+                # 200 MB upload). Collecting the young generations costs about a millisecond.
+                del data, answer
+                gc.collect(1)
                 if progress is not None:
                     progress(number, sent)
             done = self.http.post(f"objects/{key}/completion", json={"uploadId": upload_id, "parts": listed})
