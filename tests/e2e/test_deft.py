@@ -222,3 +222,30 @@ def test_upload_outlives_its_access_token_without_failing_a_part(kit):
     tokens_used = {a.token_jti for a in api.state.log}
     assert len(tokens_used) >= 2, "the upload outlived its first token, so a second one was used"
     assert dict(api.state.refused) == {"use_dpop_nonce": 1}, "no expired token reached the API"
+
+
+def test_whole_file_upload_with_a_chunked_body(deft):
+    """A body of unknown length (Transfer-Encoding: chunked) is read as it comes."""
+    client, api = deft
+    assert client.http.get(f"objects/{api.put_object(b'x')}/download-status").status_code == 200  # learn the nonce
+    data = b"".join(generated_parts(3 * 1024 * 1024 + 7, 1 << 20, seed=9))
+    boundary = "deft-test-boundary"
+    head = (f'--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="x.bin"\r\n'
+            "Content-Type: application/octet-stream\r\n\r\n").encode()  # fmt: skip
+    tail = f"\r\n--{boundary}--\r\n".encode()
+
+    def body():
+        yield head
+        for i in range(0, len(data), 100_000):
+            yield data[i : i + 100_000]
+        yield tail
+
+    sent: list[httpx.Request] = []
+    client.http.event_hooks["request"].append(sent.append)
+    answer = client.http.post(
+        "objects", params={"SenderHerId": SENDER, "ReceiverHerIds": RECEIVERS[0]}, content=body(),
+        headers={"Content-Type": f"multipart/form-data; boundary={boundary}"},
+    )  # fmt: skip
+    assert sent[-1].headers.get("Transfer-Encoding") == "chunked"
+    assert answer.status_code == 201, answer.text
+    assert client.download(answer.json()["key"]) == (len(data), hashlib.sha256(data).hexdigest())
