@@ -361,8 +361,12 @@ class Bench:
         parent, child = ctx.Pipe()
         proc = ctx.Process(target=upload.main, args=(child, setup), name=f"bench-upload-{signer}")
         proc.start()
-        cpu0 = procstat.cpu_seconds(os.getpid())
+        ours = [os.getpid(), *self.w.server_pids]
+        cpu0, busy0 = sum(procstat.cpu_seconds(p) for p in ours), procstat.machine_busy_seconds()
+        wall0 = time.monotonic()
         answer = parent.recv()
+        cpu1, busy1 = sum(procstat.cpu_seconds(p) for p in ours), procstat.machine_busy_seconds()
+        wall = time.monotonic() - wall0
         proc.join(timeout=30)
         if "error" in answer:
             raise RuntimeError(f"upload/{signer} failed:\n{answer['error']}")
@@ -373,14 +377,18 @@ class Bench:
             throughput_mb_s=answer["bytes"] / 1e6 / answer["seconds"],
             rss_growth_mb=(answer["rss_peak"] - answer["rss_baseline"]) / MB,
             parts_resent=answer["part_requests"] - answer["parts"],
-            standin_cpu_s=procstat.cpu_seconds(os.getpid()) - cpu0,
         )
-        if stored != size:
-            self.problems.append(f"upload/{signer}: the stand-in stored {stored} bytes of {size}")
+        # CPU over the whole round (client start-up included), in % of one core: the client
+        # process, the stand-in (in this process) with the signer, and everything else.
+        answer["cpu_pct"] = {
+            "client": round(100 * answer["client_cpu_total_s"] / wall),
+            "standin_signer": round(100 * (cpu1 - cpu0) / wall),
+            "outside": round(max(0.0, (busy1 - busy0) - (cpu1 - cpu0) - answer["client_cpu_total_s"]) * 100 / wall),
+        }
         say(
             f"  upload/{signer}: {answer['throughput_mb_s']:.0f} MB/s, {answer['seconds']:.1f} s, "
             f"RSS {answer['rss_baseline'] / MB:.0f} -> {answer['rss_peak'] / MB:.0f} MB "
-            f"(+{answer['rss_growth_mb']:.1f}), {answer['parts_resent']} part(s) re-sent"
+            f"(+{answer['rss_growth_mb']:.1f}), {answer['parts_resent']} part(s) re-sent, CPU% {answer['cpu_pct']}"
         )
         return answer
 
@@ -649,7 +657,7 @@ def table(
                 f"{run['parts_resent']} re-sent in all rounds, {run['token_requests']} token request(s); client RSS "
                 f"{run['rss_baseline'] / MB:.0f} -> {run['rss_peak'] / MB:.0f} MB "
                 f"(largest growth +{run['rss_growth_mb']:.1f} MB); "
-                f"rounds {run['rounds_mb_s']} MB/s"
+                f"rounds {run['rounds_mb_s']} MB/s; CPU% of the best round {run['cpu_pct']}"
             )
         if "ratio" in uploads:
             lines.append(f"  via service / in-process key: {uploads['ratio']:.2f}x throughput")

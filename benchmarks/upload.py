@@ -16,6 +16,7 @@ finished upload is also a verified one.
 from __future__ import annotations
 
 import gc
+import resource
 import threading
 import time
 import traceback
@@ -52,6 +53,11 @@ class RssSampler(threading.Thread):
         return self.peak
 
 
+def _cpu_seconds() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
 def main(conn: Connection, setup: dict) -> None:
     """Run one upload as ``setup`` says and send back what was measured (or {"error"})."""
     import os
@@ -78,11 +84,13 @@ def main(conn: Connection, setup: dict) -> None:
                 baseline = rss_bytes(pid)
                 sampler = RssSampler(pid)
                 sampler.start()
+                cpu0 = _cpu_seconds()
                 started = time.perf_counter()
                 result = client.upload(
                     generated_parts(setup["size"], setup["part_size"]), "bench.bin", SENDER, RECEIVERS
                 )
                 seconds = time.perf_counter() - started
+                cpu = _cpu_seconds() - cpu0
                 peak = sampler.stop()
         token_http.close()
         signer.close()
@@ -92,6 +100,8 @@ def main(conn: Connection, setup: dict) -> None:
                 "warm_key": warm.key,
                 "bytes": result.size,
                 "seconds": seconds,
+                "client_cpu_s": cpu,
+                "client_cpu_total_s": _cpu_seconds(),
                 "parts": result.parts,
                 "part_requests": result.part_requests,
                 "token_requests": len([r for r in token_requests if r.method == "POST"]),
