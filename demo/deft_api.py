@@ -59,7 +59,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from urllib.parse import parse_qs, urlsplit
+from urllib.parse import parse_qs, quote, urlsplit
 
 import httpx
 from jwcrypto import jwk, jws, jwt
@@ -441,8 +441,10 @@ class Routes:
         """``POST /objects/initialization`` {fileName, senderHerId, receiverHerIds} -> {key, uploadId}."""
         request = _json(body)
         name = request.get("fileName")
-        if not isinstance(name, str) or not name or len(name) > 255:
-            raise Refused(400, "invalid_request", "fileName must be a non-empty string of at most 255 characters")
+        if not isinstance(name, str) or not name or len(name) > 255 or not name.isprintable():
+            raise Refused(
+                400, "invalid_request", "fileName must be 1..255 printable characters (no control characters)"
+            )
         sender = _her_id(request.get("senderHerId"), "senderHerId")
         receivers = request.get("receiverHerIds")
         if not isinstance(receivers, list) or not receivers:
@@ -695,7 +697,11 @@ def make_handler(state: ApiState, routes_for: callable) -> type[BaseHTTPRequestH
             self.send_response(200)
             self.send_header("Content-Type", "application/octet-stream")
             self.send_header("Content-Length", str(obj.size))
-            self.send_header("Content-Disposition", f'attachment; filename="{obj.file_name}"')
+            # RFC 6266: an ASCII fallback without quotes or controls, and the name percent-encoded
+            fallback = "".join(c if c.isascii() and c.isprintable() and c not in '"\\' else "_" for c in obj.file_name)
+            self.send_header(
+                "Content-Disposition", f"attachment; filename=\"{fallback}\"; filename*=UTF-8''{quote(obj.file_name)}"
+            )
             for name, value in self._nonce_header().items():
                 self.send_header(name, value)
             self.end_headers()
@@ -704,6 +710,8 @@ def make_handler(state: ApiState, routes_for: callable) -> type[BaseHTTPRequestH
                     with path.open("rb") as f:
                         shutil.copyfileobj(f, self.wfile, CHUNK)
             except FileNotFoundError:  # deleted meanwhile: the client sees a short body
+                self.close_connection = True
+            except (BrokenPipeError, ConnectionResetError):  # the client stopped reading
                 self.close_connection = True
 
         do_GET = do_POST = do_PUT = do_DELETE = _handle

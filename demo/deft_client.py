@@ -9,7 +9,8 @@ them. Authentication is whatever ``httpx.Auth`` the client has - here ``DPoPAuth
 Every part is handed to httpx as ``bytes``: a request httpx can send again whole, so a DPoP
 nonce challenge (``DPoPAuth`` resends the request) never loses or truncates a part. Memory is
 bounded by the part size: parts are produced one at a time from an iterator and dropped once
-their answer is in (with a young-generation GC run per part, see :meth:`DeftClient.upload`). The client checks every ``eTag`` against its own SHA-256 of the part.
+their answer is in (with a young-generation GC run per part, see :meth:`DeftClient.upload`).
+The client checks every ``eTag`` against its own SHA-256 of the part.
 """
 
 from __future__ import annotations

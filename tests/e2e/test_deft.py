@@ -249,3 +249,20 @@ def test_whole_file_upload_with_a_chunked_body(deft):
     assert sent[-1].headers.get("Transfer-Encoding") == "chunked"
     assert answer.status_code == 201, answer.text
     assert client.download(answer.json()["key"]) == (len(data), hashlib.sha256(data).hexdigest())
+
+
+def test_file_names_cannot_break_headers(deft):
+    client, api = deft
+    bad = client.http.post(
+        "objects/initialization",
+        json={"fileName": "a\r\nSet-Cookie: x=1", "senderHerId": SENDER, "receiverHerIds": RECEIVERS},
+    )
+    assert bad.status_code == 400 and "fileName" in bad.json()["detail"]
+    answer = client.http.post(
+        "objects", params={"SenderHerId": SENDER, "ReceiverHerIds": RECEIVERS[0]},
+        files={"file": ('brev "æ".txt', b"hei")},
+    )  # fmt: skip
+    assert answer.status_code == 201, answer.text
+    with client.http.stream("GET", f"objects/{answer.json()['key']}") as download:
+        disposition = download.headers["Content-Disposition"]
+    assert disposition == "attachment; filename=\"brev ___.txt\"; filename*=UTF-8''brev%20%22%C3%A6%22.txt"
