@@ -7,7 +7,9 @@
 //   port              TCP port (0 = pick a free one)
 //   clients           [{client_id, jwks: {keys: [public JWKs]}, scope: "nhn:deft/api ..."}]
 //   scopes            ["nhn:deft/api", ...] every scope the server knows
-//   access_token_ttl  seconds (default 300)
+//   access_token_ttl  seconds (default 300); the environment variable AUTHSERVER_ACCESS_TOKEN_TTL
+//                     (seconds, a positive integer) overrides it - e.g. short-lived tokens to
+//                     watch a long upload replace its token between parts
 //   resource          optional resource indicator the scopes map to (default "urn:nhn:deft");
 //                     it becomes the access token's `aud`
 //
@@ -62,7 +64,11 @@ try {
 const host = config.host ?? '127.0.0.1';
 const port = config.port ?? 0;
 const scopes = config.scopes ?? [];
-const accessTokenTTL = config.access_token_ttl ?? 300;
+const ttlFromEnv = process.env.AUTHSERVER_ACCESS_TOKEN_TTL;
+if (ttlFromEnv !== undefined && !/^[1-9][0-9]*$/.test(ttlFromEnv)) {
+  fail(`AUTHSERVER_ACCESS_TOKEN_TTL must be a positive integer (seconds), got ${JSON.stringify(ttlFromEnv)}`);
+}
+const accessTokenTTL = ttlFromEnv !== undefined ? Number(ttlFromEnv) : (config.access_token_ttl ?? 300);
 const resource = config.resource ?? 'urn:nhn:deft';
 if (!isLoopback(host)) fail(`host must be a loopback IP address, got ${JSON.stringify(host)}`);
 if (!Number.isInteger(port) || port < 0 || port > 65535) fail('port must be an integer 0..65535');

@@ -117,3 +117,33 @@ class InProcessSigner:
 
     async def close(self) -> None:
         pass
+
+
+def _now(coroutine):  # noqa: ANN001, ANN202
+    """The result of a coroutine that never awaits (InProcessSigner's methods sign at once)."""
+    try:
+        coroutine.send(None)
+    except StopIteration as done:
+        return done.value
+    coroutine.close()
+    raise RuntimeError("an InProcessSigner method awaited something")
+
+
+class SyncInProcessSigner:
+    """:class:`InProcessSigner` behind the :class:`~helseid_signer_client.SignerClient`
+    interface (blocking calls), for ``TokenClient`` and ``DPoPAuth`` on ``httpx.Client``."""
+
+    def __init__(self, *args, **kwargs) -> None:  # noqa: ANN002, ANN003
+        self._signer = InProcessSigner(*args, **kwargs)
+
+    def get_client_profile(self, profile: str) -> ClientProfile:
+        return _now(self._signer.get_client_profile(profile))
+
+    def sign_client_assertion(self, profile: str, **kwargs) -> ClientAssertion:  # noqa: ANN003
+        return _now(self._signer.sign_client_assertion(profile, **kwargs))
+
+    def sign_dpop_proof(self, profile: str, htm: str, htu: str, **kwargs) -> DpopProof:  # noqa: ANN003
+        return _now(self._signer.sign_dpop_proof(profile, htm, htu, **kwargs))
+
+    def close(self) -> None:
+        pass

@@ -259,7 +259,7 @@ class LoadGen:
         # each task an application of its own: its token client (token fetched here, then cached)
         auths = [DPoPAuth(AsyncTokenClient(s, profile, scope, http=self.http)) for s in signers]
         await asyncio.gather(*(a.token_client.get_token() for a in auths))
-        url = self.s["api_url_whoami"]
+        url = self.s["api_url_status"]
 
         async def call(i: int) -> Any:
             response = await self.http.get(url, auth=auths[i])

@@ -11,6 +11,10 @@ It starts what it needs (``benchmarks/world.py``), then measures at each concurr
    ``SignDpopProof`` (ES256, with ``ath`` and ``nonce``);
 4. the token flow against the local authorization server, and one DPoP-protected API call
    with a cached token, each through the service and with an in-process key (baseline);
+5. a streamed upload of ``--upload-gb`` GB (generated on the fly) to the DEFT stand-in with
+   DEFT's multipart protocol through ``DPoPAuth``, through the service and with an in-process
+   key: throughput, client RSS growth, parts re-sent (``benchmarks/upload.py``); alone:
+   ``python -m benchmarks --only upload --clients 0 --upload-gb 1``;
 
 then checks correctness (``clients`` x ``per-client`` signatures, every one verified), prints
 the table with each ratio to its baseline and the issue's targets, and writes it all as JSON.
@@ -36,7 +40,7 @@ from typing import Any
 
 import grpc
 
-from . import loadgen, procstat, world
+from . import loadgen, procstat, upload, world
 from .raw import RawPool
 from .stats import composed_limit, summarize
 
@@ -48,6 +52,9 @@ P50_SLACK_MS = 0.3
 API_EXTRA_P50_MS = 1.5
 RSS_PER_PROCESS_MB = 150
 RSS_GROWTH_MB = 5
+#: issue 14 target: client RSS growth during the streamed upload, over its baseline
+UPLOAD_RSS_GROWTH_MB = 50
+UPLOAD_NONCE_LIFETIME = 2.0  # seconds: the stand-in's nonce rotates during the upload cells
 
 
 def say(*args: Any) -> None:
@@ -296,6 +303,95 @@ class Bench:
                         signer=signer,
                     )
 
+    def upload_cells(self) -> dict | None:
+        """The streamed upload, via the service and with the in-process key (issue 14)."""
+        size = int(self.args.upload_gb * 1e9)
+        if size <= 0 or not any(self.wanted(f"upload/{s}") for s in ("service", "inproc")):
+            return None
+        part_size = int(self.args.upload_part_mb * MB)
+        out: dict = {"bytes": size, "part_size": part_size, "repeat": self.args.upload_repeat, "runs": {}}
+        # Rounds in the order in-process, service, service, in-process, ...: neither variant always
+        # meets the machine as the other left it (page cache, the stand-in's disk writes); the
+        # best round of each counts, and the largest RSS growth of any round.
+        rounds: dict[str, list[dict]] = {}
+        # As DEFT's first call of a process meets: the stand-in demands its own DPoP nonce, and
+        # rotates it every UPLOAD_NONCE_LIFETIME seconds (announcing the new one on every answer).
+        state = self.w.api.state
+        with state.lock:
+            state.require_nonce, state.nonce_lifetime = True, UPLOAD_NONCE_LIFETIME
+        try:
+            for n in range(self.args.upload_repeat):  # ABBA...: neither variant is always first
+                for signer in ("inproc", "service") if n % 2 == 0 else ("service", "inproc"):
+                    if self.wanted(f"upload/{signer}"):
+                        rounds.setdefault(signer, []).append(self._upload_round(signer, size, part_size))
+        finally:
+            with state.lock:
+                state.require_nonce, state.nonce_lifetime = False, None
+        out["nonce_lifetime_s"] = UPLOAD_NONCE_LIFETIME
+        for signer, done in rounds.items():
+            best = dict(max(done, key=lambda r: r["throughput_mb_s"]))
+            best.update(
+                rounds_mb_s=[round(r["throughput_mb_s"], 1) for r in done],
+                rss_growth_mb=max(r["rss_growth_mb"] for r in done),
+                rss_baseline=min(r["rss_baseline"] for r in done),
+                rss_peak=max(r["rss_peak"] for r in done),
+                parts_resent=sum(r["parts_resent"] for r in done),
+            )
+            out["runs"][signer] = best
+        runs = out["runs"]
+        if "service" in runs and "inproc" in runs:
+            out["ratio"] = runs["service"]["throughput_mb_s"] / runs["inproc"]["throughput_mb_s"]
+        return out
+
+    def _upload_round(self, signer: str, size: int, part_size: int) -> dict:
+        ctx = multiprocessing.get_context("spawn")
+        if self.args.quiet_wait:
+            self.wait_quiet()
+        say(f"  upload/{signer}: {size / 1e9:.2f} GB in parts of {part_size / MB:g} MiB ...")
+        setup = {
+            "signer": signer,
+            "target": self.w.address,
+            "profile": world.FLOW_PROFILE,
+            "api_url": self.w.api.api_url,
+            "size": size,
+            "part_size": part_size,
+            **{k: v for k, v in self.w.loadgen_setup(1).items() if k.startswith("inproc") or k in (
+                "issuer", "token_endpoint", "scope", "lifetime")},
+        }  # fmt: skip
+        parent, child = ctx.Pipe()
+        proc = ctx.Process(target=upload.main, args=(child, setup), name=f"bench-upload-{signer}")
+        proc.start()
+        ours = [os.getpid(), *self.w.server_pids]
+        cpu0, busy0 = sum(procstat.cpu_seconds(p) for p in ours), procstat.machine_busy_seconds()
+        wall0 = time.monotonic()
+        answer = parent.recv()
+        cpu1, busy1 = sum(procstat.cpu_seconds(p) for p in ours), procstat.machine_busy_seconds()
+        wall = time.monotonic() - wall0
+        proc.join(timeout=30)
+        if "error" in answer:
+            raise RuntimeError(f"upload/{signer} failed:\n{answer['error']}")
+        stored = self.w.api.drop(answer["key"])
+        self.w.api.drop(answer["warm_key"])
+        answer.update(
+            stored_bytes=stored,
+            throughput_mb_s=answer["bytes"] / 1e6 / answer["seconds"],
+            rss_growth_mb=(answer["rss_peak"] - answer["rss_baseline"]) / MB,
+            parts_resent=answer["part_requests"] - answer["parts"],
+        )
+        # CPU over the whole round (client start-up included), in % of one core: the client
+        # process, the stand-in (in this process) with the signer, and everything else.
+        answer["cpu_pct"] = {
+            "client": round(100 * answer["client_cpu_total_s"] / wall),
+            "standin_signer": round(100 * (cpu1 - cpu0) / wall),
+            "outside": round(max(0.0, (busy1 - busy0) - (cpu1 - cpu0) - answer["client_cpu_total_s"]) * 100 / wall),
+        }
+        say(
+            f"  upload/{signer}: {answer['throughput_mb_s']:.0f} MB/s, {answer['seconds']:.1f} s, "
+            f"RSS {answer['rss_baseline'] / MB:.0f} -> {answer['rss_peak'] / MB:.0f} MB "
+            f"(+{answer['rss_growth_mb']:.1f}), {answer['parts_resent']} part(s) re-sent, CPU% {answer['cpu_pct']}"
+        )
+        return answer
+
     def correctness(self) -> dict:
         say(f"  correctness: {self.args.clients} clients x {self.args.per_client} signatures ...")
         self.gen_conn.send({"op": "correctness", "clients": self.args.clients, "per_client": self.args.per_client})
@@ -397,8 +493,20 @@ def add_baselines(rows: list[dict]) -> None:
             r["p50_extra_ms"] = r["p50_ms"] - b["p50_ms"]
 
 
-def evaluate_targets(rows: list[dict], soak: dict | None) -> list[dict]:
+def evaluate_targets(rows: list[dict], soak: dict | None, uploads: dict | None = None) -> list[dict]:
     out: list[dict] = []
+    for signer, run in (uploads or {}).get("runs", {}).items():
+        out.append(
+            {
+                "target": f"client RSS growth during a {run['bytes'] / 1e9:.2f} GB streamed upload "
+                f"({'via service' if signer == 'service' else 'in-process key'}) <= {UPLOAD_RSS_GROWTH_MB} MB",
+                "measured": run["rss_growth_mb"],
+                "limit": UPLOAD_RSS_GROWTH_MB,
+                "ok": run["rss_growth_mb"] <= UPLOAD_RSS_GROWTH_MB,
+                "scope": "issue" if signer == "service" else "info",
+                "text": f"+{run['rss_growth_mb']:.1f} MB over a baseline of {run['rss_baseline'] / MB:.0f} MB",
+            }
+        )
     for r in rows:
         if r["group"] != "service" or r["alg"] not in ("RS256", "ES256") or "baseline" not in r:
             continue
@@ -479,7 +587,14 @@ def _fmt(v: float, spec: str) -> str:
     return "-" if v is None or (isinstance(v, float) and math.isnan(v)) else format(v, spec)
 
 
-def table(meta: dict, rows: list[dict], targets: list[dict], correctness: dict | None, soak: dict | None) -> str:
+def table(
+    meta: dict,
+    rows: list[dict],
+    targets: list[dict],
+    correctness: dict | None,
+    soak: dict | None,
+    uploads: dict | None = None,
+) -> str:
     lines = [f"helseid-signer benchmark - {meta['date']} - commit {meta['commit']}"]
     lines += [f"  {k}: {v}" for k, v in meta["setup"].items()]
     head = (
@@ -527,7 +642,26 @@ def table(meta: dict, rows: list[dict], targets: list[dict], correctness: dict |
             f"soak: {soak['seconds']:.0f} s at 64 in flight, {soak['throughput']:,.0f}/s; RSS per process at "
             f"{soak['early_at_s']:.0f} s {soak['rss_early_mb']} -> at {soak['late_at_s']:.0f} s {soak['rss_late_mb']}"
         ]
-    lines += ["", "targets (issue 7):"]
+    if uploads and uploads["runs"]:
+        lines += [
+            "",
+            f"streamed upload to the DEFT stand-in (multipart, DPoPAuth on httpx.Client): "
+            f"{uploads['bytes'] / 1e9:.2f} GB in parts of {uploads['part_size'] / MB:g} MiB, generated on the fly; "
+            f"best of {uploads['repeat']} round(s) each, a fresh client process per round; the stand-in "
+            f"demands its DPoP nonce and rotates it every {uploads['nonce_lifetime_s']:g} s",
+        ]
+        for signer, run in uploads["runs"].items():
+            who = "via service    " if signer == "service" else "in-process key "
+            lines.append(
+                f"  {who} {run['throughput_mb_s']:7.1f} MB/s  {run['seconds']:6.1f} s  {run['parts']} parts, "
+                f"{run['parts_resent']} re-sent in all rounds, {run['token_requests']} token request(s); client RSS "
+                f"{run['rss_baseline'] / MB:.0f} -> {run['rss_peak'] / MB:.0f} MB "
+                f"(largest growth +{run['rss_growth_mb']:.1f} MB); "
+                f"rounds {run['rounds_mb_s']} MB/s; CPU% of the best round {run['cpu_pct']}"
+            )
+        if "ratio" in uploads:
+            lines.append(f"  via service / in-process key: {uploads['ratio']:.2f}x throughput")
+    lines += ["", "targets (issues 7 and 14):"]
     for t in targets:
         mark = "----" if t["ok"] is None else ("PASS" if t["ok"] else "MISS")
         scope = "" if t["scope"] == "issue" else " (info)"
@@ -625,6 +759,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         action="store_true",
         help="configure [backends.pkcs11] sign_on_event_loop = true (default: the production default, false)",
     )
+    p.add_argument(
+        "--upload-gb",
+        type=float,
+        help="size of the streamed upload cells in GB (10^9 bytes; 1; --quick 0.016; 0: none)",
+    )
+    p.add_argument("--upload-part-mb", type=float, help="upload part size in MiB (8; --quick 4)")
+    p.add_argument("--upload-repeat", type=int, help="rounds of the two upload cells, best counts (2; --quick 1)")
     p.add_argument("--compare", type=Path, help="a JSON file of an earlier run to compare with")
     p.add_argument("--strict", action="store_true", help="exit 3 when a target is missed")
     p.add_argument(
@@ -642,8 +783,24 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--quiet-below", type=float, default=15.0, help="... below this %% of one core")
     p.add_argument("--rss-every", type=float, default=0.2, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
-    quick = {"duration": 0.25, "warmup": 0.1, "concurrency": "1,8", "per_client": 100}
-    full = {"duration": 5.0, "warmup": 1.0, "concurrency": "1,8,64", "per_client": 500}
+    quick = {
+        "duration": 0.25,
+        "warmup": 0.1,
+        "concurrency": "1,8",
+        "per_client": 100,
+        "upload_gb": 0.016,
+        "upload_part_mb": 4,
+        "upload_repeat": 1,
+    }
+    full = {
+        "duration": 5.0,
+        "warmup": 1.0,
+        "concurrency": "1,8,64",
+        "per_client": 500,
+        "upload_gb": 1.0,
+        "upload_part_mb": 8,
+        "upload_repeat": 2,
+    }
     for name, value in (quick if args.quick else full).items():
         if getattr(args, name) is None:
             setattr(args, name, value)
@@ -662,9 +819,10 @@ def main(argv: list[str] | None = None) -> int:
         world.world(Path(tmp), args.workers, say, args.sign_on_event_loop) as w,
     ):
         bench = Bench(args, w)
-        correctness = soak = None
+        correctness = soak = uploads = None
         try:
             bench.run_cells()
+            uploads = bench.upload_cells()
             if args.clients and args.per_client:
                 correctness = bench.correctness()
                 correctness.update(clients=args.clients, per_client=args.per_client)
@@ -681,8 +839,8 @@ def main(argv: list[str] | None = None) -> int:
     for r in rows:
         r.pop("_rss_timeline", None)
     add_baselines(rows)
-    targets = evaluate_targets(rows, soak)
-    text = table(meta, rows, targets, correctness, soak)
+    targets = evaluate_targets(rows, soak, uploads)
+    text = table(meta, rows, targets, correctness, soak, uploads)
     if bench.notes:
         text += "\n\nnotes:\n" + "\n".join(f"  {n}" for n in bench.notes)
     print(text)
@@ -696,6 +854,7 @@ def main(argv: list[str] | None = None) -> int:
         "targets": targets,
         "correctness": correctness,
         "soak": soak,
+        "upload": uploads,
         "problems": bench.problems,
         "notes": bench.notes,
         "table": text,

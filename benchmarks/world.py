@@ -84,8 +84,9 @@ class World:
             "algs": {name: alg for name, (_, alg) in KEYS.items()},
             "profiles": {p: {"assertion_key": a, "dpop_key": d} for p, (a, d) in PROFILES.items()},
             "flow_profile": FLOW_PROFILE,
-            "api_url": self.api.base_url + "/api/files",
-            "api_url_whoami": self.api.base_url + "/api/whoami",
+            "api_url": self.api.api_url + "/objects",
+            # the DPoP API call cell: GET download-status of an object stored at start-up
+            "api_url_status": f"{self.api.api_url}/objects/{self.api.put_object(b'bench')}/download-status",
         }
 
     def raw_keys(self) -> dict[str, tuple[str, str, dict]]:

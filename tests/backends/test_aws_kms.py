@@ -730,9 +730,9 @@ def test_main_job_runs_with_keys_in_kms(kms, endpoint, tmp_path):
         with running_signer(config, env=TEST_AWS_ENV) as address, SignerClient(address) as signer:
             with TokenClient(signer, "app", "nhn:deft/api") as tokens:
                 with httpx.Client(auth=DPoPAuth(tokens), base_url=api.base_url) as http:
-                    answer = http.get("/api/whoami")
+                    answer = http.get(f"/api/objects/{api.put_object(b'x')}/download-status")
                 assert answer.status_code == 200, answer.text
-                assert answer.json()["client_id"] == "kms-job"
+                assert api.state.log[-1].client_id == "kms-job"
                 assert tokens.get_token().jkt == jwk.JWK(**jwks["dpop"]).thumbprint()
             assertion = signer.sign_client_assertion("app")
             token = jws.JWS()
@@ -742,7 +742,7 @@ def test_main_job_runs_with_keys_in_kms(kms, endpoint, tmp_path):
             dpop_arn = kms.describe_key(KeyId=refs["dpop"][0].removeprefix("awskms:"))["KeyMetadata"]["Arn"]
             kms.disable_key(KeyId=key_id(dpop_arn))
             with pytest.raises(SignerError) as caught:
-                signer.sign_dpop_proof("app", "GET", api.base_url + "/api/whoami")
+                signer.sign_dpop_proof("app", "GET", api.base_url + "/api/objects")
             assert caught.value.code == grpc.StatusCode.FAILED_PRECONDITION
             assert "disabled" in str(caught.value)
 

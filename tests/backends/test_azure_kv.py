@@ -671,10 +671,10 @@ def test_main_job_token_flow_with_keys_in_the_vault(standin, tmp_path):
             with TokenClient(signer, "app", "nhn:deft/api") as tokens:
                 token = tokens.get_token()
                 with httpx.Client(auth=DPoPAuth(tokens), base_url=api.base_url) as http:
-                    answer = http.get("/api/whoami")
+                    answer = http.get(f"/api/objects/{api.put_object(b'x')}/download-status")
             assertion = signer.sign_client_assertion("app").jwt
     assert token.token_type == "DPoP"
-    assert answer.status_code == 200 and answer.json()["client_id"] == "azurekv-client"
+    assert answer.status_code == 200 and api.state.log[-1].client_id == "azurekv-client"
     parsed = jws.JWS()
     parsed.deserialize(assertion, key=jwcrypto_jwk.JWK(**jwks["assertion"]))
     assert parsed.jose_header["kid"] == jwks["assertion"]["kid"]

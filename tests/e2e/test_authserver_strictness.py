@@ -19,7 +19,7 @@ import httpx
 import pytest
 from jwcrypto import jwk, jwt
 
-from tests.support.authserver import AuthServer, running_authserver
+from tests.support.authserver import AuthServer, AuthServerError, running_authserver
 
 SCOPE = "nhn:deft/api"
 RESOURCE = "urn:nhn:deft"
@@ -268,3 +268,21 @@ def test_server_log_holds_no_tokens(server):
     log = server.stderr_log_path.read_text(encoding="utf-8")
     assert '"event":"grant.error"' in log
     assert "eyJ" not in log
+
+
+def test_access_token_lifetime_from_the_environment(http, monkeypatch):
+    """AUTHSERVER_ACCESS_TOKEN_TTL (seconds) overrides the configured lifetime (short tokens for
+    the long-upload test and ``python -m demo --token-ttl``); a bad value stops the server."""
+    monkeypatch.setenv("AUTHSERVER_ACCESS_TOKEN_TTL", "7")
+    clients = [{"client_id": client_id_for("ES256"), "jwks": {"keys": [registered_jwk("ES256")]}, "scope": SCOPE}]
+    with running_authserver(clients, access_token_ttl=300) as srv:
+        nonce = get_nonce(http, srv)
+        answer = token_request(http, srv, "ES256", client_assertion(srv, "ES256"), dpop_proof(srv, "ES256", nonce))
+        assert answer.status_code == 200, answer.text
+        claims = json.loads(jwt.JWT(jwt=answer.json()["access_token"], key=jwk.JWKSet.from_json(
+            http.get(srv.jwks_uri).text), algs=["RS256"]).claims)  # fmt: skip
+    assert answer.json()["expires_in"] == 7 and claims["exp"] - claims["iat"] == 7
+    monkeypatch.setenv("AUTHSERVER_ACCESS_TOKEN_TTL", "7s")
+    with pytest.raises(AuthServerError, match="AUTHSERVER_ACCESS_TOKEN_TTL must be a positive integer"):
+        with running_authserver(clients):
+            pass

@@ -175,14 +175,24 @@ def test_dpop_auth_calls_protected_api(world, require_nonce):
     with TokenClient(world["signer"], "app", SCOPE) as tokens:
         hooks = {"request": [record]}
         with httpx.Client(auth=DPoPAuth(tokens), event_hooks=hooks, base_url=api.base_url) as client:
-            first = client.get("/api/whoami")
-            upload = client.post("/api/files?SenderHerId=8142987&ReceiverHerIds=8142988#x", content=b"x" * 1000)
-            again = client.get("/api/whoami?page=2")
+            first = client.post(
+                "/api/objects/initialization",
+                json={"fileName": "a", "senderHerId": 8142987, "receiverHerIds": [8142988]},
+            )
+            first_seen = api.state.log[-1]
+            upload = client.post(
+                "/api/objects?SenderHerId=8142987&ReceiverHerIds=8142988#x", files={"file": ("a.xml", b"x" * 1000)}
+            )
+            key = upload.json()["key"]
+            again = client.get(f"/api/objects/{key}/download-status?page=2")
     assert first.status_code == 200, first.text
-    assert first.json() == {"client_id": CLIENT_ID, "scope": SCOPE, "htu": api.base_url + "/api/whoami"}
-    assert upload.status_code == 200 and upload.json()["received_bytes"] == 1000
-    assert upload.json()["sender"] == ["8142987"]
-    assert again.status_code == 200
+    # What the API saw: the token's client_id and scope, the proof's htu (no query, no fragment).
+    assert (first_seen.client_id, first_seen.scope) == (CLIENT_ID, SCOPE)
+    assert first_seen.htu == api.base_url + "/api/objects/initialization"
+    assert upload.status_code == 201 and api.state.objects[key].size == 1000
+    assert api.state.objects[key].sender_her_id == 8142987
+    assert api.state.log[-2].htu == api.base_url + "/api/objects"
+    assert again.status_code == 200 and again.json() == {"receiverDownloadStatus": {"8142988": False}}
     # One nonce challenge at most (the first call), then the remembered nonce is reused.
     assert api.state.accepted == 3
     api_calls = [r for r in seen if r[0].startswith("/api/")]
@@ -204,8 +214,9 @@ def test_dpop_auth_async_with_concurrent_requests_shares_one_token(world):
             http = httpx.AsyncClient(event_hooks={"request": [record]})
             async with AsyncTokenClient(signer, "app", SCOPE, http=http) as tokens:
                 api = world["api"].reset(require_nonce=False)
+                status = f"/api/objects/{api.put_object(b'x')}/download-status"
                 async with httpx.AsyncClient(auth=DPoPAuth(tokens), base_url=api.base_url) as client:
-                    answers = await asyncio.gather(*(client.get("/api/whoami") for _ in range(20)))
+                    answers = await asyncio.gather(*(client.get(status) for _ in range(20)))
                     accepted = api.state.accepted
             await http.aclose()
         return [a.status_code for a in answers], len(posts), accepted
@@ -217,15 +228,16 @@ def test_dpop_auth_async_with_concurrent_requests_shares_one_token(world):
 
 def test_rotated_dpop_key_makes_the_client_fetch_a_new_token(world):
     api = world["api"].reset(require_nonce=False)
+    status = f"/api/objects/{api.put_object(b'x')}/download-status"
     with TokenClient(world["signer"], "app", SCOPE) as tokens:
         auth = DPoPAuth(tokens)
         with httpx.Client(auth=auth, base_url=api.base_url) as client:
-            assert client.get("/api/whoami").status_code == 200
+            assert client.get(status).status_code == 200
             old = tokens.get_token()
             # The signer restarts with a new DPoP key for the same profile.
             with SignerClient(world["rotated_address"]) as rotated:
                 tokens.signer = rotated
-                answer = client.get("/api/whoami")
+                answer = client.get(status)
                 new = tokens.get_token()
     assert answer.status_code == 200, answer.text
     assert old.jkt == jwk.JWK(**world["jwks"]["dpop"]).thumbprint()

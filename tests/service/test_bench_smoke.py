@@ -36,5 +36,14 @@ def test_quick_benchmark_checks_correctness_and_writes_table_and_json(tmp_path):
     assert c["error_count"] == 0 and c["failure_count"] == 0 and c["duplicate_jti"] == 0
     assert result["problems"] == []
 
-    assert "targets (issue 7):" in proc.stdout and "service SignClientAssertion" in proc.stdout
+    assert "targets (issues 7 and 14):" in proc.stdout and "service SignClientAssertion" in proc.stdout
+    # The streamed upload (issue 14), small in --quick: both variants, every byte stored, no
+    # part re-sent, the client's RSS measured.
+    upload = result["upload"]
+    assert upload["bytes"] == 16_000_000 and set(upload["runs"]) == {"service", "inproc"}
+    for run in upload["runs"].values():
+        assert run["stored_bytes"] == run["bytes"] == 16_000_000
+        assert run["parts"] == 4 and run["parts_resent"] == 0
+        assert run["rss_peak"] >= run["rss_baseline"] > 0
+    assert "streamed upload to the DEFT stand-in" in proc.stdout
     assert result["table"] in proc.stdout
