@@ -648,7 +648,7 @@ def make_handler(state: ApiState, routes_for: callable) -> type[BaseHTTPRequestH
             if route is None:
                 if not body.drain():
                     self.close_connection = True
-                self._answer(404, {"error": "not_found", "detail": urlsplit(self.path).path})
+                self._answer(404, {"error": "not_found", "detail": urlsplit(self.path).path}, self._nonce_header())
                 return
             host = self.headers.get("Host", f"{self.server.server_address[0]}:{self.server.server_address[1]}")
             url = f"http://{host}{self.path}"
@@ -715,6 +715,17 @@ def make_handler(state: ApiState, routes_for: callable) -> type[BaseHTTPRequestH
                 self.close_connection = True
 
         do_GET = do_POST = do_PUT = do_DELETE = _handle
+
+        def do_HEAD(self) -> None:  # noqa: N802 (http.server's naming)
+            """No DEFT route takes HEAD: 405, with the current nonce like every answer (RFC 9449
+            section 9 lets a server send one on any response), so a client about to stream a
+            body it cannot send twice can learn the nonce first (docs/client.md)."""
+            self.send_response(405)
+            self.send_header("Allow", "GET, POST, PUT, DELETE")
+            self.send_header("Content-Length", "0")
+            for name, value in self._nonce_header().items():
+                self.send_header(name, value)
+            self.end_headers()
 
     return Handler
 

@@ -6,7 +6,7 @@
 //
 //   node examples/node-host/host.mjs --signer 127.0.0.1:50051 \
 //     --ca signer-ca.pem --cert client.pem --key client.key \
-//     --profile deft --scope nhn:deft/api --api-url https://deft.example/api/whoami
+//     --profile deft --scope nhn:deft/api --api-url https://deft.example/api/objects/KEY/download-status
 //
 // Options (all but --server-name, --org-child, --org-parent and --insecure are required):
 //   --signer HOST:PORT     the signer's gRPC address

@@ -266,3 +266,30 @@ def test_file_names_cannot_break_headers(deft):
     with client.http.stream("GET", f"objects/{answer.json()['key']}") as download:
         disposition = download.headers["Content-Disposition"]
     assert disposition == "attachment; filename=\"brev ___.txt\"; filename*=UTF-8''brev%20%22%C3%A6%22.txt"
+
+
+def test_a_streamed_first_upload_learns_the_nonce_and_arrives_whole(deft):
+    """The first request of a process is a read-once body (a generator) to an API that demands
+    its nonce: DPoPAuth learns the nonce with a HEAD (the stand-in answers 405 with it, as it
+    sends the nonce on every answer) instead of meeting the challenge with a body it cannot
+    send again; every byte arrives once."""
+    client, api = deft
+    data = b"".join(generated_parts(2 * 1024 * 1024 + 3, 1 << 20, seed=11))
+    boundary = "deft-stream-boundary"
+    head = (f'--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="s.bin"\r\n'
+            "Content-Type: application/octet-stream\r\n\r\n").encode()  # fmt: skip
+
+    def body():
+        yield head
+        for i in range(0, len(data), 65_536):
+            yield data[i : i + 65_536]
+        yield f"\r\n--{boundary}--\r\n".encode()
+
+    answer = client.http.post(
+        "objects", params={"SenderHerId": SENDER, "ReceiverHerIds": RECEIVERS[0]}, content=body(),
+        headers={"Content-Type": f"multipart/form-data; boundary={boundary}"},
+    )  # fmt: skip
+    assert answer.status_code == 201, answer.text
+    assert dict(api.state.refused) == {}, "no request met a nonce challenge"
+    assert client.download(answer.json()["key"]) == (len(data), hashlib.sha256(data).hexdigest())
+

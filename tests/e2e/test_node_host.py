@@ -91,8 +91,12 @@ def world(tmp_path_factory):
             ),
             extra_lines=("[callers.journal-app]", 'profiles = ["app"]', f'tls_names = ["{CALLER_NAME}"]'),
         )
+        status_url = f"{api.base_url}/api/objects/{api.put_object(b'seed')}/download-status"
         with running_signer(config, env={"SOFTHSM2_CONF": str(token.conf)}) as address:
-            yield {"node": node, "pki": pki, "address": address, "api": api, "jwks": jwks, "log": Path(f"{config}.log")}
+            yield {
+                "node": node, "pki": pki, "address": address, "api": api, "jwks": jwks,
+                "log": Path(f"{config}.log"), "status_url": status_url,
+            }  # fmt: skip
 
 
 def run_host(world, *extra: str) -> subprocess.CompletedProcess[str]:
@@ -101,7 +105,7 @@ def run_host(world, *extra: str) -> subprocess.CompletedProcess[str]:
         world["node"], str(HOST),
         "--signer", world["address"], "--server-name", SIGNER_DNS,
         "--ca", str(pki / "server-ca.pem"), "--cert", str(pki / "client.pem"), "--key", str(pki / "client.key"),
-        "--profile", "app", "--scope", SCOPE, "--api-url", world["api"].base_url + "/api/whoami?x=1",
+        "--profile", "app", "--scope", SCOPE, "--api-url", world["status_url"] + "?x=1",
         *extra,
     ]  # fmt: skip
     return subprocess.run(args, capture_output=True, text=True, timeout=120)
@@ -126,7 +130,9 @@ def test_node_host_gets_a_bound_token_and_calls_the_api_with_both_nonce_retries(
     # The API stand-in verified the token (authorization server's JWKS), the proof, ath and
     # cnf.jkt = thumbprint(proof jwk) with jwcrypto, and accepted exactly one request.
     assert out["api_status"] == 200 and api.state.accepted == 1
-    assert out["api_body"] == {"client_id": CLIENT_ID, "scope": SCOPE, "htu": api.base_url + "/api/whoami"}
+    assert out["api_body"] == {"receiverDownloadStatus": {"2": False}}
+    seen = api.state.log[-1]
+    assert (seen.client_id, seen.scope, seen.htu) == (CLIENT_ID, SCOPE, world["status_url"])
     # Both nonce retries happened, once each: 400 use_dpop_nonce at the token endpoint
     # (oidc-provider always demands a nonce) and 401 use_dpop_nonce at the API.
     assert out["token_requests"] == 2 and out["api_requests"] == 2

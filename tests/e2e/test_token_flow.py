@@ -252,11 +252,20 @@ def test_requests_auth_calls_the_protected_api_with_its_nonce(world):
     from helseid_signer_client.requests_auth import RequestsDPoPAuth
 
     api = world["api"].reset(require_nonce=True)
+    key = api.put_object(b"seed")
+    status_url = f"{api.base_url}/api/objects/{key}/download-status"
     with TokenClient(world["signer"], "app", SCOPE) as tokens, requests.Session() as session:
         session.auth = RequestsDPoPAuth(tokens, session=session)
-        first = session.get(api.base_url + "/api/whoami", timeout=10)
-        upload = session.post(api.base_url + "/api/files?SenderHerId=8142987", data=b"x" * 1000, timeout=10)
+        first = session.get(status_url, timeout=10)
+        upload = session.post(
+            api.base_url + "/api/objects?SenderHerId=8142987&ReceiverHerIds=8142988",
+            files={"file": ("x.bin", b"x" * 1000)},
+            timeout=10,
+        )
     assert first.status_code == 200, first.text
-    assert first.json() == {"client_id": CLIENT_ID, "scope": SCOPE, "htu": api.base_url + "/api/whoami"}
-    assert upload.status_code == 200 and upload.json()["received_bytes"] == 1000
+    assert first.json() == {"receiverDownloadStatus": {"2": False}}
+    seen = api.state.log[-2]
+    assert (seen.client_id, seen.scope, seen.htu) == (CLIENT_ID, SCOPE, status_url)
+    assert upload.status_code == 201, upload.text
+    assert api.state.objects[upload.json()["key"]].size == 1000
     assert api.state.accepted == 2, "the nonce retry of the first call, then the remembered nonce"
