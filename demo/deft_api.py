@@ -178,13 +178,16 @@ class DeftApi:
         issuer: the authorization server's issuer (its JWKS is fetched from discovery).
         audience: the ``aud`` access tokens must carry (oidc-provider's resource).
         require_nonce: demand the API's own DPoP nonce (RFC 9449 section 9).
+        port: the TCP port on 127.0.0.1 (0: a free one).
     """
 
-    def __init__(self, issuer: str, audience: str = "urn:nhn:deft", require_nonce: bool = False) -> None:
+    def __init__(
+        self, issuer: str, audience: str = "urn:nhn:deft", require_nonce: bool = False, port: int = 0
+    ) -> None:
         document = httpx.get(issuer.rstrip("/") + "/.well-known/openid-configuration").json()
         jwks = jwk.JWKSet.from_json(httpx.get(document["jwks_uri"]).text)
         self.state = ApiState(issuer=issuer, audience=audience, jwks=jwks, require_nonce=require_nonce)
-        self._server = ThreadingHTTPServer(("127.0.0.1", 0), make_handler(self.state))
+        self._server = ThreadingHTTPServer(("127.0.0.1", port), make_handler(self.state))
         self._server.daemon_threads = True
         self.base_url = f"http://127.0.0.1:{self._server.server_address[1]}"
         self._thread = threading.Thread(target=self._server.serve_forever, name="deft-api", daemon=True)
@@ -204,3 +207,29 @@ class DeftApi:
     def __exit__(self, *exc: object) -> None:
         self._server.shutdown()
         self._server.server_close()
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m demo.deft_api --issuer URL [--port N] [--audience A] [--require-nonce]``
+    (from the repository root, with the project's .venv): serve the stand-in on 127.0.0.1
+    until Ctrl-C. Prints one JSON line ``{"base_url": ...}`` when ready (docs/operations.md,
+    "Trying a configuration before HelseID")."""
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m demo.deft_api", description="DPoP-protected DEFT stand-in")
+    parser.add_argument("--issuer", required=True, help="the authorization server's issuer (its JWKS is fetched)")
+    parser.add_argument("--port", type=int, default=0, help="TCP port on 127.0.0.1 (default: a free one)")
+    parser.add_argument("--audience", default="urn:nhn:deft", help="the aud access tokens must carry")
+    parser.add_argument("--require-nonce", action="store_true", help="demand the API's own DPoP nonce")
+    args = parser.parse_args(argv)
+    with DeftApi(args.issuer, args.audience, args.require_nonce, args.port) as api:
+        print(json.dumps({"base_url": api.base_url + "/api"}), flush=True)
+        try:
+            threading.Event().wait()
+        except KeyboardInterrupt:
+            pass
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
