@@ -181,9 +181,7 @@ class DeftApi:
         port: the TCP port on 127.0.0.1 (0: a free one).
     """
 
-    def __init__(
-        self, issuer: str, audience: str = "urn:nhn:deft", require_nonce: bool = False, port: int = 0
-    ) -> None:
+    def __init__(self, issuer: str, audience: str = "urn:nhn:deft", require_nonce: bool = False, port: int = 0) -> None:
         document = httpx.get(issuer.rstrip("/") + "/.well-known/openid-configuration").json()
         jwks = jwk.JWKSet.from_json(httpx.get(document["jwks_uri"]).text)
         self.state = ApiState(issuer=issuer, audience=audience, jwks=jwks, require_nonce=require_nonce)

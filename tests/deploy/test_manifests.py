@@ -16,8 +16,8 @@ from __future__ import annotations
 
 import configparser
 import grp
-import os
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -432,9 +432,9 @@ def test_every_path_the_template_writes_is_one_the_unit_makes_writable():
     sockets = [Path(c["unix_socket"]["path"]) for c in settings["callers"].values() if "unix_socket" in c]
     assert sockets and all(path.parent == runtime for path in sockets)
     # Secrets: exactly the credentials the unit loads.
-    secret_paths = {
-        Path(settings["server"][k]) for k in ("tls_certificate", "tls_private_key", "client_ca")
-    } | {Path(settings["backends"]["pkcs11"]["pin_file"])}
+    secret_paths = {Path(settings["server"][k]) for k in ("tls_certificate", "tls_private_key", "client_ca")} | {
+        Path(settings["backends"]["pkcs11"]["pin_file"])
+    }
     assert secret_paths == credentials
     # A configuration error stops the unit instead of a restart loop; serve exits 2 for it.
     assert service["RestartPreventExitStatus"] == "2"

@@ -14,7 +14,6 @@ by line, the Prometheus text parsed by prometheus-client, gRPC status codes.
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
 import signal
@@ -76,7 +75,8 @@ def kit(tmp_path_factory):
 def make_config(kit, name: str, *, extra: tuple[str, ...] = (), **paths: str) -> Path:
     """An mTLS signer config in a folder of its own: caller ``app`` (TLS, rate 1/s, burst 1),
     caller ``local`` (Unix socket), audit to a file, metrics on a free port. ``paths``
-    override ``tls_certificate``, ``tls_private_key``, ``client_ca``, ``audit``, ``socket``."""
+    override ``tls_certificate``, ``tls_private_key``, ``client_ca``, ``audit``, ``socket``,
+    ``socket_group`` (text added to the socket's table)."""
     folder = kit["folder"] / name
     folder.mkdir()
     tls_key = folder / "tls.key"
@@ -102,7 +102,8 @@ def make_config(kit, name: str, *, extra: tuple[str, ...] = (), **paths: str) ->
             "[audit]", 'sink = "file"', f'path = "{files["audit"]}"', "",
             "[metrics]", f'listen = "127.0.0.1:{metrics_port}"', "",
             "[callers.app]", 'tls_names = ["app.example"]', 'profiles = ["p"]', "rate_limit = 1", "rate_burst = 1", "",
-            "[callers.local]", 'profiles = ["p"]', f'unix_socket = {{ path = "{files["socket"]}", mode = 0o600 }}', "",
+            "[callers.local]", 'profiles = ["p"]',
+            f'unix_socket = {{ path = "{files["socket"]}", mode = 0o600{files.get("socket_group", "")} }}', "",
             *extra,
         ),
     )  # fmt: skip
@@ -145,7 +146,14 @@ BROKEN = {
     "client_ca is a leaf": (lambda kit, d: {"client_ca": str(kit["app"].cert_path)}, "server.client_ca"),
     "key does not match": (lambda kit, d: {"tls_private_key": _mismatched_key(kit)}, "server.tls_private_key"),
     "audit folder missing": (lambda kit, d: {"audit": str(d / "no-such-dir" / "audit.jsonl")}, "audit.path"),
-    "socket folder missing": (lambda kit, d: {"socket": str(d / "no-such-dir" / "s.sock")}, "callers.local.unix_socket"),
+    "socket group missing": (
+        lambda kit, d: {"socket_group": ', group = "no-such-group-18"'},
+        "callers.local.unix_socket.group: no group 'no-such-group-18'",
+    ),
+    "socket folder missing": (
+        lambda kit, d: {"socket": str(d / "no-such-dir" / "s.sock")},
+        "callers.local.unix_socket",
+    ),
 }
 
 
@@ -330,7 +338,7 @@ def test_check_warns_about_a_small_burst_and_an_unregistered_next_key(kit, tmp_p
         '[keys.next]\nuri = "' + kit["token"].uri("next") + '"\nalg = "ES256"\n\n[keys.dpop]',
     )
     text = text.replace(
-        'api_base_urls = []\n',
+        "api_base_urls = []\n",
         'api_base_urls = []\n\n[profiles.p.rotation]\nnext_key = "next"\nnext_active_from = 2030-01-01T00:00:00Z\n',
         1,
     )

@@ -145,7 +145,9 @@ def load_tls_files(server: ServerSettings) -> tuple[bytes, bytes, bytes]:
             f"server.tls_private_key: {server.tls_private_key} is encrypted (gRPC needs an unencrypted PEM key)"
         ) from None
     except (ValueError, UnsupportedAlgorithm) as exc:
-        raise ConfigError(f"server.tls_private_key: {server.tls_private_key} is not a PEM private key ({exc})") from None
+        raise ConfigError(
+            f"server.tls_private_key: {server.tls_private_key} is not a PEM private key ({exc})"
+        ) from None
     chain = _pem_certificates("tls_certificate", server.tls_certificate, cert_pem)
     if _public_der(private_key.public_key()) != _public_der(chain[0].public_key()):
         raise ConfigError(

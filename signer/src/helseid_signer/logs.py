@@ -4,14 +4,15 @@ or an access token (tests/zz_last/test_no_secrets_in_logs.py).
 Fields (docs/operations.md, "The log"): ``time`` (UTC, ISO 8601 with milliseconds and
 ``Z``, the same format as audit records' ``time``), ``level`` (``debug``, ``info``,
 ``warning``, ``error``), ``logger`` (``helseid_signer.server``, ``helseid_signer.audit``,
-..., or ``grpc.core`` for gRPC core's own lines), ``message``; ``exception`` with a
-traceback when there is one; ``source`` (file:line in gRPC core) on ``grpc.core`` lines.
+..., ``grpc.core`` for gRPC core's own lines, ``stderr`` for any other text written
+there), ``message``; ``exception`` with a traceback when there is one; ``source``
+(file:line in gRPC core) on ``grpc.core`` lines.
 
 gRPC core (C++) writes its own lines (TLS handshake failures, for instance) to file
 descriptor 2, not through Python's logging. :func:`capture_native_stderr` (``serve``
 calls it) puts a pipe on descriptor 2 and turns each such line into a JSON line of logger
-``grpc.core``; lines that are already JSON objects (the worker processes' logs, which
-inherit descriptor 2) pass through unchanged.
+``grpc.core`` (other lines: logger ``stderr``, level warning); lines that are already JSON
+objects (the worker processes' logs, which inherit descriptor 2) pass through unchanged.
 """
 
 from __future__ import annotations
@@ -72,6 +73,7 @@ def _is_json_object(line: str) -> bool:
 
 def _pump(read_fd: int, out: TextIO, lock: threading.RLock) -> None:
     native = logging.getLogger("grpc.core")
+    other = logging.getLogger("stderr")
     with open(read_fd, encoding="utf-8", errors="replace", closefd=True) as pipe:
         for raw in pipe:
             line = raw.rstrip("\n")
@@ -84,10 +86,9 @@ def _pump(read_fd: int, out: TextIO, lock: threading.RLock) -> None:
                 continue
             match = _ABSL_LINE.match(line)
             if match:
-                level, source, message = _ABSL_LEVELS[match.group(1)], match.group(2), match.group(3)
-            else:
-                level, source, message = logging.ERROR, None, line
-            native.log(level, "%s", message, extra={"native_source": source})
+                native.log(_ABSL_LEVELS[match.group(1)], "%s", match.group(3), extra={"native_source": match.group(2)})
+            else:  # anything else a library or a worker wrote to stderr, one line each
+                other.warning("%s", line)
 
 
 def capture_native_stderr() -> None:

@@ -16,13 +16,11 @@ service's user, or as root while the service runs (docs/operations.md).
 
 from __future__ import annotations
 
-import grp
 import os
-import pwd
 from pathlib import Path
 
 from .config import ConfigError, Settings
-from .identity import load_tls_files
+from .identity import load_tls_files, owner_ids
 
 
 def _folder_problem(key: str, path: str, what: str) -> str | None:
@@ -47,7 +45,8 @@ def startup_problems(settings: Settings) -> list[str]:
     * ``audit.path`` (with ``sink = "file"``): the file, if it exists, is no folder and is
       writable; otherwise its folder exists and is writable;
     * ``callers.NAME.unix_socket``: the folder of ``path`` exists and is writable (the
-      socket is created there); ``owner`` and ``group`` given as names exist on this host.
+      socket is created there); ``owner`` and ``group`` exist on this host, and (without
+      root) are this user and one of its groups, so the socket can be handed to them.
     """
     problems: list[str] = []
     server = settings.server
@@ -72,12 +71,20 @@ def startup_problems(settings: Settings) -> list[str]:
             continue
         if problem := _folder_problem(f"callers.{name}.unix_socket.path", sock.path, "socket"):
             problems.append(problem)
-        for field, lookup in (("owner", pwd.getpwnam), ("group", grp.getgrnam)):
-            value = getattr(sock, field)
-            if isinstance(value, str):
-                try:
-                    lookup(value)
-                except KeyError:
-                    problems.append(f"callers.{name}.unix_socket.{field}: no {'user' if field == 'owner' else 'group'} "
-                                    f"{value!r} on this host")  # fmt: skip
+        key = f"callers.{name}.unix_socket"
+        try:
+            uid, _ = owner_ids(sock.owner, None)
+            _, gid = owner_ids(None, sock.group)
+        except KeyError as exc:
+            field, what = ("owner", "user") if "getpwnam" in str(exc) else ("group", "group")
+            problems.append(f"{key}.{field}: no {what} {getattr(sock, field)!r} on this host")
+            continue
+        if os.geteuid() != 0:  # without root, chown hands a socket only to our own groups
+            if uid not in (-1, os.geteuid()):
+                problems.append(f"{key}.owner: {sock.owner!r} is another user; only root may hand it the socket")
+            if gid not in (-1, os.getegid(), *os.getgroups()):
+                problems.append(
+                    f"{key}.group: this user (uid {os.geteuid()}) is not in group {sock.group!r}, so it cannot "
+                    "hand it the socket (systemd: SupplementaryGroups=)"
+                )
     return problems
