@@ -739,6 +739,7 @@ class DeftApi:
         require_nonce: demand the API's own DPoP nonce (RFC 9449 section 9).
         nonce_lifetime: seconds before the nonce rotates (None: never); the previous nonce is
             accepted for one more period.
+        port: the TCP port on 127.0.0.1 (0: a free one).
 
     Attributes:
         base_url: ``http://127.0.0.1:<port>``; the routes are under ``base_url + "/api"``
@@ -752,6 +753,7 @@ class DeftApi:
         audience: str = "urn:nhn:deft",
         require_nonce: bool = False,
         nonce_lifetime: float | None = None,
+        port: int = 0,
     ) -> None:
         document = httpx.get(issuer.rstrip("/") + "/.well-known/openid-configuration").json()
         jwks = jwk.JWKSet.from_json(httpx.get(document["jwks_uri"]).text)
@@ -764,7 +766,7 @@ class DeftApi:
             require_nonce=require_nonce,
             nonce_lifetime=nonce_lifetime,
         )
-        self._server = ThreadingHTTPServer(("127.0.0.1", 0), make_handler(self.state, lambda: self.routes))
+        self._server = ThreadingHTTPServer(("127.0.0.1", port), make_handler(self.state, lambda: self.routes))
         self._server.daemon_threads = True
         self.base_url = f"http://127.0.0.1:{self._server.server_address[1]}"
         self.api_url = self.base_url + PREFIX
@@ -813,3 +815,29 @@ class DeftApi:
         self._server.shutdown()
         self._server.server_close()
         self._folder.cleanup()
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m demo.deft_api --issuer URL [--port N] [--audience A] [--require-nonce]``
+    (from the repository root, with the project's .venv): serve the stand-in on 127.0.0.1
+    until Ctrl-C. Prints one JSON line ``{"base_url": ...}`` when ready (docs/operations.md,
+    "Trying a configuration before HelseID")."""
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m demo.deft_api", description="DPoP-protected DEFT stand-in")
+    parser.add_argument("--issuer", required=True, help="the authorization server's issuer (its JWKS is fetched)")
+    parser.add_argument("--port", type=int, default=0, help="TCP port on 127.0.0.1 (default: a free one)")
+    parser.add_argument("--audience", default="urn:nhn:deft", help="the aud access tokens must carry")
+    parser.add_argument("--require-nonce", action="store_true", help="demand the API's own DPoP nonce")
+    args = parser.parse_args(argv)
+    with DeftApi(args.issuer, args.audience, args.require_nonce, port=args.port) as api:
+        print(json.dumps({"base_url": api.base_url + "/api"}), flush=True)
+        try:
+            threading.Event().wait()
+        except KeyboardInterrupt:
+            pass
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

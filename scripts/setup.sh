@@ -31,6 +31,8 @@ node_major=$(node -p 'process.versions.node.split(".")[0]')
 [ "$node_major" -ge 20 ] || {
   echo "[setup] ERROR: Node.js 20 or newer is required for oidc-provider (found $(node --version));" \
        "install it (e.g. Debian trixie's nodejs, or NodeSource) and run again" >&2; exit 1; }
+[ "$node_major" -ge 22 ] || echo "[setup] note: Node.js $(node --version) runs the local authorization server," \
+  "but oidc-provider supports only Node.js 22 LTS or later (it warns 'Unsupported runtime'); use 22 where you can" >&2
 python3 -c 'import sys; sys.exit(sys.version_info < (3, 11))' || {
   echo "[setup] ERROR: Python 3.11 or newer is required (found $(python3 --version))" >&2; exit 1; }
 

@@ -15,7 +15,9 @@ Each tool gets a negative control (a file it must reject), so a silent tool cann
 from __future__ import annotations
 
 import configparser
+import grp
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -42,6 +44,9 @@ CONTAINERFILE = DEPLOY / "container" / "Containerfile"
 HEALTHCHECK = DEPLOY / "container" / "healthcheck.py"
 K8S = DEPLOY / "kubernetes"
 UNIT = DEPLOY / "systemd" / "helseid-signer.service"
+TEMPLATE = DEPLOY / "systemd" / "signer.toml"
+LOGROTATE = DEPLOY / "systemd" / "helseid-signer.logrotate"
+OPERATIONS = ROOT / "docs" / "operations.md"
 BIN = Path(sys.executable).parent
 #: The oldest Kubernetes the manifests are for (preStop sleep is on by default from 1.30), and the newest known.
 KUBERNETES_VERSIONS = ("1.30.0", kubernetes_validate.utils.latest_version())
@@ -407,3 +412,103 @@ def test_systemd_unit_is_hardened_and_stops_by_draining():
     assert not any("PIN" in v.upper() for v in _unit_values("Environment"))  # no secret in the environment
     assert service["ExecStart"].endswith("serve --config /etc/helseid-signer/signer.toml")
     assert service["ExecReload"] == "/bin/kill -HUP $MAINPID"  # SIGHUP reloads configuration and TLS files
+
+
+# --- the systemd unit against the production template (deploy/systemd/signer.toml) ---
+
+
+def test_every_path_the_template_writes_is_one_the_unit_makes_writable():
+    service = _unit()["Service"]
+    name = UNIT.name
+    runtime = Path("/run") / service["RuntimeDirectory"]
+    logs = Path("/var/log") / service["LogsDirectory"]
+    state = Path("/var/lib") / service["StateDirectory"]
+    credentials = {Path("/run/credentials") / name / v.split(":", 1)[0] for v in _unit_values("LoadCredential")}
+    settings = tomllib.loads(TEMPLATE.read_text())
+    assert service["ExecStart"].split("--config ")[1] == "/etc/helseid-signer/signer.toml"
+    # Written by the service: the audit file, the sockets; read: registration records.
+    assert Path(settings["audit"]["path"]).parent == logs
+    assert Path(settings["selfservice"]["records_dir"]) == state
+    sockets = [Path(c["unix_socket"]["path"]) for c in settings["callers"].values() if "unix_socket" in c]
+    assert sockets and all(path.parent == runtime for path in sockets)
+    # Secrets: exactly the credentials the unit loads.
+    secret_paths = {Path(settings["server"][k]) for k in ("tls_certificate", "tls_private_key", "client_ca")} | {
+        Path(settings["backends"]["pkcs11"]["pin_file"])
+    }
+    assert secret_paths == credentials
+    # A configuration error stops the unit instead of a restart loop; serve exits 2 for it.
+    assert service["RestartPreventExitStatus"] == "2"
+    # Metrics on loopback; TLS with client certificates; audit to a file, fail-closed.
+    assert settings["metrics"]["listen"].startswith("127.0.0.1:")
+    assert "insecure" not in settings["server"] and settings["audit"]["on_failure"] == "fail_closed"
+    # Callers over TLS and over a socket, and a rotation block.
+    assert any("tls_names" in c for c in settings["callers"].values())
+    assert settings["profiles"]["deft"]["rotation"]["next_key"] in settings["keys"]
+    # logrotate rotates that audit file, never creates it (the service does, as its own user),
+    # and makes the service reopen it.
+    rotate = LOGROTATE.read_text()
+    assert rotate.split("{")[0].strip().splitlines()[-1] == settings["audit"]["path"]
+    directives = {line.strip() for line in rotate.split("{")[1].splitlines()}
+    assert {"nocreate", "nocompress"} <= directives and "copytruncate" not in directives
+    assert "systemctl reload helseid-signer.service" in rotate
+    # The docs name the same files.
+    docs = OPERATIONS.read_text()
+    for path in (settings["audit"]["path"], "deploy/systemd/signer.toml", "deploy/systemd/helseid-signer.logrotate"):
+        assert path in docs, path
+
+
+def test_production_template_passes_check(tmp_path):
+    """``helseid-signer check`` on deploy/systemd/signer.toml with its paths moved into a
+    temporary folder: a SoftHSM token with the keys it names, a throwaway CA for the TLS
+    files, the issuer on a closed loopback port (nothing leaves the machine)."""
+    text = TEMPLATE.read_text()
+    settings = tomllib.loads(text)
+    label = re.search(r"token=([^;]+)", settings["keys"]["deft-dpop"]["uri"]).group(1)
+    token = create_token(tmp_path / "token", label=label)
+    for name, key in settings["keys"].items():
+        keys_create(token, name, {"PS256": "RSA-2048", "ES256": "EC-P256"}[key["alg"]], key["alg"])
+    credentials = tmp_path / "credentials"
+    ca = CertificateAuthority(tmp_path / "pki", "apps")
+    server = ca.issue("server", ips=("127.0.0.1",), server=True)
+    credentials.mkdir()
+    shutil.copy(server.cert_path, credentials / "tls.crt")
+    shutil.copy(server.key_path, credentials / "tls.key")
+    shutil.copy(ca.cert_path, credentials / "client-ca.crt")
+    shutil.copy(token.pin_file, credentials / "pin")
+    for folder in ("run", "log", "lib"):
+        (tmp_path / folder).mkdir()
+    issuer = f"http://127.0.0.1:{_closed_port()}"
+    replacements = {
+        "/run/credentials/helseid-signer.service/": f"{credentials}/",
+        "/run/helseid-signer/": f"{tmp_path / 'run'}/",
+        "/var/log/helseid-signer/": f"{tmp_path / 'log'}/",
+        '"/var/lib/helseid-signer"': f'"{tmp_path / "lib"}"',
+        settings["backends"]["pkcs11"]["module"]: token.module,
+        settings["profiles"]["deft"]["issuer"]: issuer,
+        'group = "batch-job"': f'group = "{grp.getgrgid(os.getgid()).gr_name}"',
+    }
+    for old, new in replacements.items():
+        assert old in text, old
+        text = text.replace(old, new)
+    config = tmp_path / "signer.toml"
+    config.write_text(text)
+    result = subprocess.run(
+        [sys.executable, "-m", "helseid_signer.cli", "check", "--config", str(config), "--timeout", "1"],
+        env=token.env(), capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stdout + result.stderr
+    lines = result.stdout.splitlines()
+    assert not [line for line in lines if line.startswith("error:")]
+    warnings = sorted(line.split(":", 2)[1].strip() for line in lines if line.startswith("warning:"))
+    # Expected: the issuer is not reachable here, and the next key is not registered yet.
+    assert warnings == ["issuer http", "profiles.deft.rotation.next_key"], lines
+    assert "ok: start-up: TLS files, audit and socket folders are usable" in lines
+
+
+def _closed_port() -> int:
+    """A loopback TCP port nothing listens on."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]

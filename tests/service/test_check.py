@@ -158,6 +158,7 @@ def test_risky_settings_are_warnings_not_errors(hsm, authserver, tmp_path):
         "server.insecure: ",
         "server.reflection: on",
         "callers.local.unix_socket.mode: 0o666 lets other users connect",
+        "callers.local.rate_burst: 5 cannot cover a first API call",  # rate_limit 5, default burst 5 < 7
         "audit.on_failure: continue",
         "profiles.shared.assertion_lifetime: 45 s is long",
         "profiles.shared: one key (keys.es256) signs both client assertions and DPoP proofs",

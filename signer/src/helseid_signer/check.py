@@ -3,7 +3,11 @@
 In order, each step printing one line per finding (``ok:``, ``info:``, ``warning:`` or
 ``error:`` and what it is about) and a summary at the end:
 
-1. the file validates (otherwise the message names the key, exit 2);
+1. the file validates (otherwise the message names the key, exit 2), and what start-up
+   needs from the host is there (:func:`preflight.startup_problems`: the TLS files load,
+   the key matches the certificate, ``client_ca`` holds CA certificates, the audit and
+   socket folders exist and are writable; otherwise one error per fault naming the key,
+   and exit 2 at the end - the same checks ``serve`` runs before it starts);
 2. every key resolves in its backend and fits its ``alg`` (RSA >= 2048 bits; ES256/384/512
    on P-256/384/521) - the same checks the service makes at start-up;
 3. per profile, a test client assertion (also one with the rotation's next key, if any)
@@ -17,10 +21,12 @@ In order, each step printing one line per finding (``ok:``, ``info:``, ``warning
    be within 5 s of the local clock (a warning otherwise);
 5. risky settings: plaintext listener, a Unix socket others may use, reflection, assertion
    lifetimes over 30 s, one key for both assertions and proofs, one key (current, next or
-   previous) for two issuers, audit ``on_failure = continue`` (warnings); a caller
-   without a rate limit (info).
+   previous) for two issuers, audit ``on_failure = continue``, a caller's burst too small
+   for a token fetch and an API call (:data:`COLD_START_CALLS`), a rotation's next key
+   without a registration record (warnings); a caller without a rate limit (info).
 
-Exit status: 0 without errors (warnings allowed), 1 with errors, 2 when the file is invalid.
+Exit status: 0 without errors (warnings allowed), 1 with errors, 2 when the file is invalid
+or start-up would refuse it.
 Never prints a PIN, a private key or a JWS: keys appear as ``kid`` and ``alg`` only.
 """
 
@@ -53,6 +59,8 @@ from .config import (
 )
 from .htu import HtuPolicy, canonical_htu
 from .keys import ASSERTION_TYP, DPOP_TYP, SigningKey, build_backends, make_signing_key
+from .preflight import startup_problems
+from .rotation import RegistrationBook
 
 #: Above this an assertion lifetime draws a warning (HelseID allows 60 s; NHN uses 5-10 s).
 LONG_ASSERTION_LIFETIME = 30
@@ -61,6 +69,15 @@ MAX_CLOCK_SKEW = 5.0
 #: Seconds a test signature may take.
 SIGN_TIMEOUT = 15.0
 LEVELS = ("ok", "info", "warning", "error")
+#: Signer calls of one HelseID token fetch by the client library (token.py): GetClientProfile
+#: (once per TokenClient), a client assertion and a DPoP proof, and - since HelseID answers
+#: the first request with ``use_dpop_nonce`` - a new assertion and proof with the nonce.
+TOKEN_FETCH_CALLS = 5
+#: Signer calls of one API call (dpop.py): a DPoP proof, and one more when the resource
+#: server answers with a nonce challenge.
+API_CALL_CALLS = 2
+#: A process's first API call: a token fetch and the call. A smaller burst refuses it.
+COLD_START_CALLS = TOKEN_FETCH_CALLS + API_CALL_CALLS
 
 
 @dataclass
@@ -435,6 +452,14 @@ def check_settings(settings: Settings, keys: dict[str, SigningKey], report: Repo
             )
         if caller.rate_limit is None:
             report.info(f"callers.{name}: no rate_limit")
+        else:
+            burst = caller.rate_burst or max(1, int(caller.rate_limit))
+            if burst < COLD_START_CALLS:
+                report.warning(
+                    f"callers.{name}.rate_burst: {burst} cannot cover a first API call: one token fetch is up to "
+                    f"{TOKEN_FETCH_CALLS} signer calls and the API call up to {API_CALL_CALLS} more; set rate_burst to "
+                    f"at least {COLD_START_CALLS} per application process using this caller (docs/configuration.md)"
+                )
     if settings.audit.on_failure == "continue":
         report.warning("audit.on_failure: continue signs without an audit record when the audit sink fails")
     for warning in settings.backends.warnings():
@@ -469,6 +494,31 @@ def check_settings(settings: Settings, keys: dict[str, SigningKey], report: Repo
             )
 
 
+def check_rotation(settings: Settings, keys: dict[str, SigningKey], report: Report, clock: Callable[[], float]) -> None:
+    """Warn for each rotation whose next key has no registration record (``keys register``):
+    at ``next_active_from`` the current key would go on signing and health would show
+    ``rotation:PROFILE`` NOT_SERVING."""
+    records_dir = settings.selfservice.records_dir if settings.selfservice else None
+    book = RegistrationBook(records_dir)
+    now = clock()
+    for name, p in settings.profiles.items():
+        rotation = p.rotation
+        if rotation.next_key is None or rotation.next_active_from is None:
+            continue
+        key = keys.get(rotation.next_key)
+        if key is None:
+            continue  # already an error above
+        when = rotation.next_active_from.isoformat().replace("+00:00", "Z")
+        if book.is_registered(key.kid, now, p.client_id, p.issuer):
+            report.ok(f"profiles.{name}.rotation.next_key: keys.{rotation.next_key} (kid {key.kid}) is registered")
+        else:
+            report.warning(
+                f"profiles.{name}.rotation.next_key: keys.{rotation.next_key} (kid {key.kid}) has no registration "
+                f"record in {records_dir} for this client: it will not take over at {when} (the current key "
+                f"keeps signing); register it: helseid-signer keys register --config FILE --profile {name}"
+            )
+
+
 def run_check(
     config_path: str, timeout: float = 3.0, out: TextIO | None = None, clock: Callable[[], float] = time.time
 ) -> int:
@@ -485,6 +535,11 @@ def run_check(
         f"configuration {config_path}: valid ({len(settings.keys)} key(s), {len(settings.profiles)} profile(s), "
         f"{len(settings.callers)} caller(s))"
     )
+    problems = startup_problems(settings)
+    for problem in problems:
+        report.error(f"configuration: {problem}")
+    if not problems:
+        report.ok("start-up: TLS files, audit and socket folders are usable")
     keys, backends = check_keys(settings, report)
     try:
         check_profiles(settings, keys, report, clock)
@@ -496,5 +551,8 @@ def run_check(
                 report.info(f"closing backend {getattr(backend, 'scheme', '?')}: {exc}")
     check_discovery(settings, report, timeout, clock)
     check_settings(settings, keys, report)
+    check_rotation(settings, keys, report, clock)
     print(report.summary(), file=report.out, flush=True)
+    if problems:
+        return 2
     return 1 if report.counts["error"] else 0

@@ -1,4 +1,4 @@
-"""``helseid-signer`` command line: serve, check, keys create|jwk|list|register, jwks, audit verify.
+"""``helseid-signer`` command line: serve, check, health, keys create|jwk|list|register, jwks, audit verify.
 
 Exit codes: 0 success, 2 usage or configuration error (message on stderr naming the
 key), 1 any other failure. Never prints a private key or a PIN.
@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import sys
 import tomllib
 from pathlib import Path
@@ -18,7 +19,7 @@ from .algorithms import AlgorithmError, get_algorithm
 from .backends.base import KEY_SPECS, BackendError, KeyCreator, backend_class, scheme_of
 from .config import BackendsSettings, ConfigError, load_settings
 from .keys import KeyResolutionError, build_backends, resolve_keys
-from .logs import setup_logging
+from .logs import capture_native_stderr, setup_logging
 
 
 def _backend_for_create(args: argparse.Namespace):
@@ -64,10 +65,80 @@ def _check_spec_fits(alg_name: str, spec: str) -> None:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
+    """Start-up's checks first (the same as ``check``'s: :func:`preflight.startup_problems`);
+    a configuration fault is one JSON log line naming the key and exit status 2 (a systemd
+    unit with ``RestartPreventExitStatus=2`` then does not restart), never a traceback."""
+    from .preflight import startup_problems
     from .supervisor import run
 
-    run(load_settings(args.config), ready_file=args.ready_file, config_path=args.config)
+    capture_native_stderr()  # gRPC core's own lines become JSON log lines too
+    log = logging.getLogger("helseid_signer.server")
+    try:
+        settings = load_settings(args.config)
+        problems = startup_problems(settings)
+        for problem in problems:
+            log.error("configuration error: %s", problem)
+        if problems:
+            return 2
+        run(settings, ready_file=args.ready_file, config_path=args.config)
+    except (ConfigError, KeyResolutionError, BackendError, ValueError) as exc:
+        log.error("configuration error: %s", exc)
+        return 2
     return 0
+
+
+def _health_target(args: argparse.Namespace) -> tuple[str, object | None]:
+    """Where ``health`` asks: ``--target`` (with ``--ca-file``/``--cert-file``/``--key-file``
+    for mTLS), else a caller Unix socket of ``--config`` (a probe caller's, without
+    profiles, first), else its plaintext development listener. ConfigError when none."""
+    import grpc
+
+    if args.target:
+        tls = [args.ca_file, args.cert_file, args.key_file]
+        if not any(tls):
+            return args.target, None
+        if not all(tls):
+            raise ConfigError("health: mTLS needs --ca-file, --cert-file and --key-file together")
+        try:
+            ca, cert, key = (Path(p).read_bytes() for p in tls)
+        except OSError as exc:
+            raise ConfigError(f"health: cannot read {exc.filename}: {exc.strerror}") from None
+        return args.target, grpc.ssl_channel_credentials(ca, key, cert)
+    if not args.config:
+        raise ConfigError("health: give --config FILE (its first caller Unix socket is asked) or --target")
+    settings = load_settings(args.config)
+    # A probe caller (no profiles) first: it can ask for health and nothing else.
+    with_socket = [c for c in settings.callers.values() if c.unix_socket is not None]
+    sockets = [c.unix_socket.path for c in sorted(with_socket, key=lambda c: bool(c.profiles))]
+    if sockets:
+        return f"unix:{sockets[0]}", None
+    if settings.server.listen and settings.server.insecure:
+        return settings.server.listen, None
+    raise ConfigError(
+        f"health: {args.config} has no caller Unix socket (add a probe caller with profiles = [] and a "
+        "unix_socket, docs/operations.md) - or give --target with --ca-file/--cert-file/--key-file"
+    )
+
+
+def cmd_health(args: argparse.Namespace) -> int:
+    """One ``grpc.health.v1.Health/Check`` call: exit 0 when the answer is SERVING, 1 for any
+    other answer or none (unreachable, TLS refused, timeout), 2 for a usage error."""
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    target, credentials = _health_target(args)
+    channel = grpc.secure_channel(target, credentials) if credentials else grpc.insecure_channel(target)
+    with channel:
+        try:
+            answer = health_pb2_grpc.HealthStub(channel).Check(
+                health_pb2.HealthCheckRequest(service=args.service), timeout=args.timeout
+            )
+            status = health_pb2.HealthCheckResponse.ServingStatus.Name(answer.status)
+        except grpc.RpcError as exc:
+            status = f"{exc.code().name}: {exc.details()}"
+    ok = status == "SERVING"
+    print(f"{target} {args.service or '(overall)'}: {status}", file=sys.stdout if ok else sys.stderr)
+    return 0 if ok else 1
 
 
 def cmd_keys_create(args: argparse.Namespace) -> int:
@@ -208,6 +279,22 @@ def main(argv: list[str] | None = None) -> int:
         "--timeout", type=_seconds, default=3.0, help="seconds to wait for each discovery document (0.1 to 60)"
     )
     p.set_defaults(func=cmd_check)
+
+    p = sub.add_parser(
+        "health",
+        help="ask a running service for its health status (grpc.health.v1 Check); for systemd hosts and scripts",
+        description="Exit 0: SERVING; 1: NOT_SERVING, no answer, or refused; 2: usage error. Asks --target, or "
+        "else a caller Unix socket in --config (a probe caller's, with profiles = [], first).",
+    )
+    p.add_argument("--config", help="TOML configuration file: ask a caller Unix socket of it")
+    p.add_argument("--target", help="gRPC target instead: unix:/run/helseid-signer/probe.sock or host:port")
+    p.add_argument("--ca-file", help="with a host:port --target: the CA of the service's certificate (PEM)")
+    p.add_argument("--cert-file", help="with a host:port --target: a client certificate the service accepts (PEM)")
+    p.add_argument("--key-file", help="with a host:port --target: that certificate's private key (PEM)")
+    p.add_argument("--service", default="", help='health service name (default "": the overall status), '
+                   'e.g. backend:pkcs11 or rotation:PROFILE')  # fmt: skip
+    p.add_argument("--timeout", type=_seconds, default=3.0, help="seconds to wait for the answer (0.1 to 60)")
+    p.set_defaults(func=cmd_health)
 
     keys = sub.add_parser("keys", help="key lifecycle").add_subparsers(dest="keys_command", required=True)
     p = keys.add_parser("create", help="create a non-exportable signing key and print its public JWK")

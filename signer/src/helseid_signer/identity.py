@@ -18,9 +18,11 @@ from pathlib import Path
 
 import grpc
 from cryptography import x509
+from cryptography.exceptions import UnsupportedAlgorithm
+from cryptography.hazmat.primitives import serialization
 from cryptography.x509.oid import NameOID
 
-from .config import ServerSettings
+from .config import ConfigError, ServerSettings
 from .policy import Caller
 from .runtime import RuntimeHolder
 
@@ -97,6 +99,87 @@ def owner_ids(owner: str | int | None, group: str | int | None) -> tuple[int, in
     return uid, gid
 
 
+def _read(key: str, path: str) -> bytes:
+    try:
+        return Path(path).read_bytes()
+    except OSError as exc:
+        raise ConfigError(f"server.{key}: cannot read {path}: {exc.strerror or exc}") from None
+
+
+def _pem_certificates(key: str, path: str, data: bytes) -> list[x509.Certificate]:
+    try:
+        certificates = x509.load_pem_x509_certificates(data)
+    except ValueError:
+        certificates = []
+    if not certificates:
+        raise ConfigError(f"server.{key}: {path} holds no PEM certificate")
+    return certificates
+
+
+def _public_der(public_key: object) -> bytes:
+    return public_key.public_bytes(  # type: ignore[attr-defined]
+        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+
+
+def load_tls_files(server: ServerSettings) -> tuple[bytes, bytes, bytes]:
+    """Read and check the server's TLS files before gRPC gets them; returns the PEM bytes
+    (private key, certificate chain, client CA bundle).
+
+    Checked with ``cryptography``: each file is readable PEM; the private key is
+    unencrypted and its public key is the first certificate's (RFC 5246/8446: the key
+    must sign the handshake for that certificate); every certificate in ``client_ca`` is a
+    CA certificate (basicConstraints CA:TRUE, RFC 5280 section 4.2.1.9: a leaf there makes
+    every client handshake fail). Raises :class:`ConfigError` naming the ``server.*`` key.
+    The certificate's validity period is not checked here (an expired certificate is an
+    operations matter: ``helseid_signer_tls_certificate_expiry_timestamp_seconds``).
+    """
+    assert server.tls_private_key and server.tls_certificate and server.client_ca
+    key_pem = _read("tls_private_key", server.tls_private_key)
+    cert_pem = _read("tls_certificate", server.tls_certificate)
+    ca_pem = _read("client_ca", server.client_ca)
+    try:
+        private_key = serialization.load_pem_private_key(key_pem, password=None)
+    except TypeError:
+        raise ConfigError(
+            f"server.tls_private_key: {server.tls_private_key} is encrypted (gRPC needs an unencrypted PEM key)"
+        ) from None
+    except (ValueError, UnsupportedAlgorithm) as exc:
+        raise ConfigError(
+            f"server.tls_private_key: {server.tls_private_key} is not a PEM private key ({exc})"
+        ) from None
+    chain = _pem_certificates("tls_certificate", server.tls_certificate, cert_pem)
+    if _public_der(private_key.public_key()) != _public_der(chain[0].public_key()):
+        raise ConfigError(
+            f"server.tls_private_key: does not match the certificate in server.tls_certificate "
+            f"({server.tls_certificate}, subject {chain[0].subject.rfc4514_string()})"
+        )
+    for ca in _pem_certificates("client_ca", server.client_ca, ca_pem):
+        try:
+            is_ca = ca.extensions.get_extension_for_class(x509.BasicConstraints).value.ca
+        except x509.ExtensionNotFound:
+            is_ca = False
+        if not is_ca:
+            raise ConfigError(
+                f"server.client_ca: {server.client_ca} holds {ca.subject.rfc4514_string()}, which is not a CA "
+                "certificate (basicConstraints CA:TRUE); give the CA that issues the callers' certificates"
+            )
+    return key_pem, cert_pem, ca_pem
+
+
+def certificate_expiry(server: ServerSettings) -> dict[str, float]:
+    """Expiry (Unix time, seconds) of the server certificate and of the earliest-expiring
+    CA in ``client_ca``: ``{"server": ..., "client_ca": ...}``. Files as checked by
+    :func:`load_tls_files` (ConfigError otherwise)."""
+    _, cert_pem, ca_pem = load_tls_files(server)
+    server_cert = x509.load_pem_x509_certificates(cert_pem)[0]
+    cas = x509.load_pem_x509_certificates(ca_pem)
+    return {
+        "server": server_cert.not_valid_after_utc.timestamp(),
+        "client_ca": min(ca.not_valid_after_utc.timestamp() for ca in cas),
+    }
+
+
 class TlsFiles:
     """The server's TLS certificate, key and client CA, re-read on reload: gRPC asks the
     fetcher at every new handshake, so new connections get new certificates while open
@@ -108,11 +191,8 @@ class TlsFiles:
 
     @staticmethod
     def _load(server: ServerSettings) -> object:
-        assert server.tls_private_key and server.tls_certificate and server.client_ca
-        return grpc.ssl_server_certificate_configuration(
-            [(Path(server.tls_private_key).read_bytes(), Path(server.tls_certificate).read_bytes())],
-            root_certificates=Path(server.client_ca).read_bytes(),
-        )
+        key_pem, cert_pem, ca_pem = load_tls_files(server)  # checked here, never by gRPC core alone
+        return grpc.ssl_server_certificate_configuration([(key_pem, cert_pem)], root_certificates=ca_pem)
 
     def credentials(self) -> grpc.ServerCredentials:
         return grpc.dynamic_ssl_server_credentials(self._config, self._fetch, require_client_authentication=True)
@@ -122,5 +202,5 @@ class TlsFiles:
         return fresh
 
     def reload(self, server: ServerSettings) -> None:
-        """Read the files again (OSError/ValueError if unreadable: the old ones stay)."""
+        """Read and check the files again (ConfigError naming the key: the old ones stay)."""
         self._fresh = self._load(server)

@@ -14,7 +14,15 @@ Names and labels (no label ever holds a token, a key or a caller-chosen free tex
 * ``helseid_signer_key_pinning_drift{key}`` - 1 when an alias now names another key or a
   newer key version exists (the pinned version keeps signing);
 * ``helseid_signer_key_registration_expiry_days{profile,key,kid,status}`` - days until a
-  published assertion key's HelseID registration expires (alert below 14).
+  published assertion key's HelseID registration expires (alert below 14);
+* ``helseid_signer_caller_refusals_total{caller,status}`` - refused requests per caller
+  (``caller`` is a configured caller name, or ``-`` for an unknown one: bounded);
+* ``helseid_signer_reloads_total{result}`` - reloads ``applied`` or ``refused``;
+* ``helseid_signer_audit_write_failures_total`` - audit records that could not be written;
+* ``helseid_signer_tls_certificate_expiry_timestamp_seconds{certificate}`` - when the
+  server certificate (``server``) and the earliest CA in ``client_ca`` (``client_ca``) expire.
+
+docs/operations.md, "Metrics", has the table operators read.
 
 With several worker processes the metrics use prometheus-client's multiprocess mode: the
 supervisor sets ``PROMETHEUS_MULTIPROC_DIR`` before it spawns the workers and serves the
@@ -61,5 +69,18 @@ KEY_PINNING_DRIFT = Gauge(
     "helseid_signer_key_pinning_drift",
     "1 when the key store has moved on from the pinned key version (alias moved, newer version).",
     ["key"],
+    multiprocess_mode="livemostrecent",
+)
+CALLER_REFUSALS = Counter(
+    "helseid_signer_caller_refusals",
+    "Refused requests per configured caller ('-' for an unknown caller) and gRPC status.",
+    ["caller", "status"],
+)
+RELOADS = Counter("helseid_signer_reloads", "Configuration reloads (SIGHUP) by result: applied, refused.", ["result"])
+AUDIT_WRITE_FAILURES = Counter("helseid_signer_audit_write_failures", "Audit records that could not be written.")
+TLS_CERTIFICATE_EXPIRY = Gauge(
+    "helseid_signer_tls_certificate_expiry_timestamp_seconds",
+    "Unix time at which the server certificate (server) or the earliest CA in client_ca (client_ca) expires.",
+    ["certificate"],
     multiprocess_mode="livemostrecent",
 )

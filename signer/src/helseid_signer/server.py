@@ -33,13 +33,14 @@ from .audit import AuditLog
 from .backends.base import BackendError, DriftReporter, KeyBackend, Prober
 from .config import (
     ConfigError,
+    ServerSettings,
     Settings,
     UnixSocketSettings,
     load_settings,
     parse_listen,
 )
 from .drain import CallTracker, drain_and_stop
-from .identity import Identify, TlsFiles, named_identifier, owner_ids, tls_identifier
+from .identity import Identify, TlsFiles, certificate_expiry, named_identifier, owner_ids, tls_identifier
 from .rotation import days_to_expiry
 from .runtime import IMPLICIT_INSECURE_CALLER, Runtime, RuntimeHolder, Snapshot, build_runtime
 from .service import SignerServicer, add_to_server
@@ -149,6 +150,7 @@ class Server:
                     bound = self._new_grpc_server(named_identifier(self.holder, name)).add_insecure_port(target)
                 else:
                     self.tls = TlsFiles(server_settings)
+                    _publish_tls_expiry(server_settings)
                     grpc_server = self._new_grpc_server(tls_identifier(self.holder))
                     bound = grpc_server.add_secure_port(target, self.tls.credentials())
             except RuntimeError as exc:  # grpcio: "Failed to bind to address ..."
@@ -324,7 +326,11 @@ class Server:
                 for backend in runtime.backends.values():
                     backend.close()
             log.error("reload refused, the running configuration stays: %s", exc)
+            metrics.RELOADS.labels("refused").inc()
             return False
+        if self.tls is not None:
+            _publish_tls_expiry(settings.server)
+        metrics.RELOADS.labels("applied").inc()
         old_runtime, old_snapshot = self.holder.runtime, self.holder.current
         audit = new_audit or old_snapshot.audit
         self.holder.swap(runtime, audit)
@@ -372,6 +378,12 @@ class Server:
         for path, _ in self.sockets:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(path)
+
+
+def _publish_tls_expiry(server: ServerSettings) -> None:
+    """Set the certificate-expiry gauge for the TLS files just loaded."""
+    for name, when in certificate_expiry(server).items():
+        metrics.TLS_CERTIFICATE_EXPIRY.labels(name).set(when)
 
 
 async def serve(

@@ -182,6 +182,9 @@ class SignerServicer:
 
     async def _refuse(self, context: Any, state: Snapshot, record: dict, started: float, answer: Any) -> None:
         record.update(outcome=answer.outcome, status=answer.code, error=answer.message)
+        # Per caller, so an operator sees who hit a rate limit. record["caller"] comes from the
+        # identifier, which returns configured callers only: the label set stays bounded.
+        metrics.CALLER_REFUSALS.labels(record["caller"] or "-", answer.code).inc()
         try:
             self._write_audit(state, record, started)
         except AuditError as exc:  # the request is refused anyway; say so in the log
