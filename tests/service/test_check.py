@@ -318,8 +318,8 @@ def test_issuer_without_discovery_is_an_error(hsm, stub_issuer):
 
 def test_invalid_configuration_exits_2_naming_the_key(hsm):
     path = config(
-        hsm, "invalid", keys={"es384": "ES384", "ps256": "PS256"}, issuer="https://helseid-sts.test.nhn.no",
-        extra=profile_lines("long", "https://helseid-sts.test.nhn.no", "es384", "ps256", "assertion_lifetime = 90"),
+        hsm, "invalid", keys={"es384": "ES384", "ps256": "PS256"}, issuer="https://127.0.0.1:4443",
+        extra=profile_lines("long", "https://127.0.0.1:4443", "es384", "ps256", "assertion_lifetime = 90"),
     )  # fmt: skip
     status, lines, output = run_check(hsm, path)
     assert status == 2, output

@@ -14,6 +14,7 @@ import tomllib
 from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Annotated, Any, Literal
+from urllib.parse import urlsplit
 
 from pydantic import AfterValidator, Field, ValidationError, ValidationInfo, field_validator, model_validator
 from pydantic_core import InitErrorDetails
@@ -361,12 +362,54 @@ class Settings(_Strict):
             raise ValueError("server.workers: Unix sockets need workers = 1 (a socket path has one listener)")
         if not self.server.listen and not sockets:
             raise ValueError("server.listen: no listener (set listen, or give a caller a unix_socket)")
+        if self.server.insecure and self.server.listen:
+            self._insecure_development_only()
         for name, key in self.keys.items():
             scheme = key.uri.partition(":")[0]
             if scheme in REGISTRY and scheme not in self.backends.configured:
                 article = "an" if scheme[0] in "aeiou" else "a"
                 raise ValueError(f"keys.{name}.uri: {article} {scheme}: key needs a [backends.{scheme}] section")
         return self
+
+    def _insecure_development_only(self) -> None:
+        """``insecure = true`` is development on one machine: every profile's issuer and
+        token endpoint on a loopback address (a local authorization server, never a HelseID
+        environment), and, when callers are configured, ``insecure_caller`` naming the one
+        plaintext requests are - an implicit caller that may use every profile would bypass
+        them - and no other caller identified only by ``tls_names`` no listener checks.
+        Also: ``listen`` on a loopback address, and no TLS files (which it would ignore)."""
+        server = self.server
+        if server.listen and not is_loopback_host(parse_listen(server.listen)[0]):
+            raise ValueError(
+                f"server.listen: {server.listen!r} is not a loopback address; insecure = true listens only on "
+                "127.0.0.1, ::1 or localhost (other hosts need TLS with client certificates)"
+            )
+        ignored = [f for f in ("tls_certificate", "tls_private_key", "client_ca") if getattr(server, f)]
+        if ignored:
+            raise ValueError(
+                f"server.{ignored[0]}: not used with insecure = true (plaintext); remove {', '.join(ignored)} "
+                "or set insecure = false"
+            )
+        for name, profile in self.profiles.items():
+            for field in ("issuer", "token_endpoint"):
+                url = getattr(profile, field)
+                if url is not None and not is_loopback_host(urlsplit(url).hostname):
+                    raise ValueError(
+                        f"profiles.{name}.{field}: {url!r} is not on a loopback address; with server.insecure = "
+                        "true the signer signs only for a local development issuer (use TLS with client "
+                        "certificates or a Unix socket for any other issuer)"
+                    )
+        if self.server.listen and self.callers and not self.server.insecure_caller:
+            raise ValueError(
+                "server.insecure_caller: required with insecure = true when [callers] are configured (else "
+                "plaintext requests would come from an implicit caller that may use every profile)"
+            )
+        for name, caller in self.callers.items():
+            if caller.tls_names and caller.unix_socket is None and name != self.server.insecure_caller:
+                raise ValueError(
+                    f"callers.{name}.tls_names: no TLS listener identifies this caller (insecure = true); "
+                    "give it a unix_socket, name it server.insecure_caller, or remove it"
+                )
 
 
 def _format_error(exc: ValidationError) -> str:
