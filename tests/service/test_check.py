@@ -142,7 +142,7 @@ def test_risky_settings_are_warnings_not_errors(hsm, authserver, tmp_path):
             f'path = "{tmp_path / "local.sock"}"', "mode = 0o666", "",
             "[audit]", 'on_failure = "continue"',
         ],
-        server="reflection = true",
+        server='reflection = true\ninsecure_caller = "app"',
     )  # fmt: skip
     path.write_text(
         path.read_text().replace(
@@ -325,6 +325,23 @@ def test_invalid_configuration_exits_2_naming_the_key(hsm):
     assert status == 2, output
     assert lines[0].startswith("error: configuration: ") and "profiles.long.assertion_lifetime" in lines[0], lines
     assert lines[-1].startswith("check FAILED:")
+
+
+@pytest.mark.parametrize(
+    ("server", "issuer", "key"),
+    [
+        ('listen = "0.0.0.0:0"\ninsecure = true', "http://127.0.0.1:9", "server.listen"),
+        ('listen = "127.0.0.1:0"\ninsecure = true\ntls_certificate = "s.pem"', "http://127.0.0.1:9",
+         "server.tls_certificate"),
+        ('listen = "127.0.0.1:0"\ninsecure = true', "https://helseid-sts.nhn.no", "profiles.main.issuer"),
+    ],
+)  # fmt: skip
+def test_insecure_outside_development_exits_2_naming_the_key(hsm, server, issuer, key):
+    path = config(hsm, "insecure", keys={"es384": "ES384", "ps256": "PS256"}, issuer=issuer)
+    path.write_text(path.read_text().replace('listen = "127.0.0.1:0"\ninsecure = true', server))
+    status, lines, output = run_check(hsm, path)
+    assert status == 2, output
+    assert lines[0].startswith("error: configuration: ") and f"{key}: " in lines[0], lines
 
 
 # ---------------------------------------------------------------- the verifier inside check
