@@ -18,6 +18,9 @@ class _JsonFormatter(logging.Formatter):
             "logger": record.name,
             "message": record.getMessage(),
         }
+        anchor = getattr(record, "audit_chain", None)  # audit.AuditLog's chain anchors
+        if anchor is not None:
+            entry["audit_chain"] = anchor
         if record.exc_info:
             entry["exception"] = self.formatException(record.exc_info)
         return json.dumps(entry)
