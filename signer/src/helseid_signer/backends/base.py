@@ -129,9 +129,11 @@ class KeyBackend(Protocol):
 class KeyCreator(Protocol):
     """Optional: create a non-exportable signing key."""
 
-    def create_key(self, uri: str, key_spec: str) -> ResolvedKey:
+    def create_key(self, uri: str, key_spec: str, alg: Algorithm | None = None) -> ResolvedKey:
         """Create a key at ``uri``; ``key_spec`` is ``RSA-2048``/``RSA-3072``/``RSA-4096``
-        or ``EC-P256``/``EC-P384``/``EC-P521``. Raises BackendError subclasses."""
+        or ``EC-P256``/``EC-P384``/``EC-P521``; ``alg``, when given, the one JWS algorithm
+        the key will sign with (a backend that can restricts the key to it). Raises
+        BackendError subclasses."""
         ...
 
 
