@@ -92,7 +92,6 @@ def _audit(world) -> list[dict]:
     return [json.loads(line) for line in world["audit"].read_text().splitlines()]
 
 
-
 def test_each_application_gets_only_its_own_profile(world):
     with _client(world, "app-a") as a, _client(world, "app-b") as b:
         assertion = a.sign_client_assertion("a")

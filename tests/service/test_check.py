@@ -327,6 +327,21 @@ def test_invalid_configuration_exits_2_naming_the_key(hsm):
     assert lines[-1].startswith("check FAILED:")
 
 
+def test_a_socket_directory_others_can_write_is_an_error(hsm, tmp_path):
+    folder = tmp_path / "shared"
+    folder.mkdir()
+    folder.chmod(0o777)
+    path = config(
+        hsm, "sockdir", keys={"es384": "ES384", "ps256": "PS256"}, issuer=closed_port_url(),
+        extra=["[callers.local]", 'profiles = ["main"]', f'unix_socket = {{ path = "{folder / "s.sock"}" }}'],
+        server='insecure_caller = "local"',
+    )  # fmt: skip
+    status, lines, output = run_check(hsm, path)
+    assert status == 1, output
+    errors = findings(lines, "error")
+    assert any(e.startswith("callers.local.unix_socket.path: its directory") and "not sticky" in e for e in errors)
+
+
 @pytest.mark.parametrize(
     ("server", "issuer", "key"),
     [
