@@ -105,7 +105,7 @@ def findings(lines: list[str], level: str) -> list[str]:
 def test_good_config_passes_with_only_the_expected_warning(hsm, authserver):
     path = config(
         hsm, "good", keys={"es384": "ES384", "ps256": "PS256"}, issuer=authserver.issuer,
-        extra=["[callers.app]", 'profiles = ["main"]', 'tls_names = ["app.example"]', "rate_limit = 50.0"],
+        extra=["[callers.app]", 'profiles = ["main"]', 'tls_names = ["dns:app.example"]', "rate_limit = 50.0"],
         server='insecure_caller = "app"',
     )  # fmt: skip
     status, lines, output = run_check(hsm, path)
@@ -137,7 +137,7 @@ def test_risky_settings_are_warnings_not_errors(hsm, authserver, tmp_path):
             *profile_lines("shared", authserver.issuer, "es256", "es256", "assertion_lifetime = 45"),
             # the same HSM object under a second name, for another issuer
             *profile_lines("elsewhere", other_issuer, "also_es256", "ps256"),
-            "[callers.app]", 'profiles = ["main", "shared"]', 'tls_names = ["app.example"]', "",
+            "[callers.app]", 'profiles = ["main", "shared"]', 'tls_names = ["dns:app.example"]', "",
             "[callers.local]", 'profiles = ["main"]', "rate_limit = 5.0", "[callers.local.unix_socket]",
             f'path = "{tmp_path / "local.sock"}"', "mode = 0o666", "",
             "[audit]", 'on_failure = "continue"',

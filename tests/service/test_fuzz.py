@@ -107,7 +107,7 @@ def signer(tmp_path_factory):
         profiles={name: ("assertion", "dpop") for name in PROFILES},
         extra_profile_lines={"single": [orgs, "assertion_lifetime = 7"], "multi": [orgs, 'tenancy = "multi"']},
         api_base_urls=API_BASES,
-        extra_lines=("[callers.app]", 'profiles = ["single", "multi"]', 'tls_names = ["app.example"]',
+        extra_lines=("[callers.app]", 'profiles = ["single", "multi"]', 'tls_names = ["dns:app.example"]',
                      "", "[audit]", 'sink = "file"', f'path = "{folder / "audit.jsonl"}"'),
     )  # fmt: skip
     config.write_text(config.read_text().replace("insecure = true", 'insecure = true\ninsecure_caller = "app"'))

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from helseid_signer.config import load_settings
-from tests.unit.test_config import VALID, load_error, write
+from tests.unit.test_config import VALID, VALID_TLS, load_error, write
 
 TEST_ISSUER = "https://127.0.0.1:4443"
 
@@ -22,7 +22,7 @@ def test_a_key_bound_to_the_test_issuer_never_signs_for_production(tmp_path):
 @pytest.mark.parametrize(
     ("extra", "where"),
     [
-        ('[callers.app]\ntls_names = ["app.example"]\nprofiles = ["missing"]', "callers.app.profiles"),
+        ('[callers.app]\ntls_names = ["dns:app.example"]\nprofiles = ["missing"]', "callers.app.profiles"),
         ('[callers.app]\nprofiles = ["demo"]', "callers.app"),  # no identity
         ('[callers.a]\nprofiles = ["demo"]\nunix_socket = { path = "/run/s.sock" }\n'
          '[callers.b]\nprofiles = ["demo"]\nunix_socket = { path = "/run/s.sock" }', "callers"),
@@ -64,8 +64,8 @@ def test_a_test_key_cannot_become_a_production_key_through_rotation(tmp_path):
 
 def test_one_certificate_name_identifies_one_caller(tmp_path):
     text = VALID + (
-        '\n[callers.a]\ntls_names = ["app.vendor.test"]\nprofiles = ["demo"]\n'
-        '\n[callers.b]\ntls_names = ["app.vendor.test"]\nprofiles = ["demo"]\n'
+        '\n[callers.a]\ntls_names = ["dns:app.vendor.test"]\nprofiles = ["demo"]\n'
+        '\n[callers.b]\ntls_names = ["dns:app.vendor.test"]\nprofiles = ["demo"]\n'
     )
     error = load_error(tmp_path, text)
     assert "callers.b.tls_names" in error and "'a'" in error
@@ -116,3 +116,24 @@ def test_insecure_caller_set_other_tls_only_callers_are_refused(tmp_path):
 def test_insecure_on_loopback_with_a_loopback_issuer_loads(tmp_path, listen):
     text = VALID.replace('listen = "127.0.0.1:50051"', f'listen = "{listen}"')
     assert load_settings(write(tmp_path, text)).server.listen == listen
+
+
+@pytest.mark.parametrize(
+    ("name", "hint"),
+    [("app.example", "dns:app.example"), ("spiffe://x/y", "uri:spiffe://x/y"), ("legacy", "dns:legacy"),
+     ("dns:", "dns:dns:"), ("ip:10.0.0.1", "dns:ip:10.0.0.1"), ("DNS:app.example", "dns:app.example")],
+)  # fmt: skip
+def test_an_untyped_tls_name_is_refused_with_the_fix(tmp_path, name, hint):
+    text = VALID_TLS + f'\n[callers.app]\nprofiles = ["demo"]\ntls_names = ["{name}"]\n'
+    error = load_error(tmp_path, text)
+    assert f"callers.app.tls_names: {name!r} has no type: write {hint} " in error, error
+
+
+def test_typed_tls_names_load_and_the_same_value_may_have_two_types(tmp_path):
+    text = VALID_TLS + (
+        '\n[callers.a]\nprofiles = ["demo"]\ntls_names = ["dns:app.example", "cn:legacy app"]\n'
+        '\n[callers.b]\nprofiles = ["demo"]\ntls_names = ["uri:spiffe://vendor/app", "cn:app.example"]\n'
+    )
+    callers = load_settings(write(tmp_path, text)).callers
+    assert callers["a"].tls_names == ("dns:app.example", "cn:legacy app")
+    assert callers["b"].tls_names == ("uri:spiffe://vendor/app", "cn:app.example")

@@ -36,6 +36,8 @@ __all__ = ["ConfigError", "Settings", "is_loopback_host", "load_settings", "pars
 
 NAME_PATTERN = r"^[A-Za-z0-9._-]{1,64}$"
 ORGNR_PATTERN = r"^[0-9]{9}$"
+#: The types of a caller's ``tls_names`` (``identity.certificate_names`` gives the same).
+TLS_NAME_TYPES = ("dns", "uri", "cn")
 Name = Annotated[str, Field(pattern=NAME_PATTERN)]
 
 
@@ -99,8 +101,9 @@ class UnixSocketSettings(_Strict):
 class CallerSettings(_Strict):
     """``[callers.NAME]``: one application allowed to call the service.
 
-    ``tls_names``: identities its client certificate carries (a DNS or URI subjectAltName,
-    or the subject CN when the certificate has no SAN). ``unix_socket``: its own socket.
+    ``tls_names``: identities its client certificate carries, typed: ``dns:NAME`` (a DNS
+    subjectAltName), ``uri:URI`` (a URI subjectAltName), ``cn:NAME`` (the subject CN of a
+    certificate without SAN); each compared within its type only. ``unix_socket``: its own socket.
     ``profiles``: the profiles it may use. ``rate_limit``: requests per second (average,
     per worker process) with bursts up to ``rate_burst``; unlimited when unset.
     """
@@ -110,6 +113,20 @@ class CallerSettings(_Strict):
     unix_socket: UnixSocketSettings | None = None
     rate_limit: Annotated[float, Field(gt=0, le=1_000_000)] | None = None
     rate_burst: Annotated[Int, Field(ge=1, le=1_000_000)] | None = None
+
+    @field_validator("tls_names")
+    @classmethod
+    def _typed(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        for name in value:
+            kind, sep, rest = name.partition(":")
+            if not sep or kind not in TLS_NAME_TYPES or not rest:
+                hint = f"{kind.lower()}:{rest}" if kind.lower() in TLS_NAME_TYPES and rest else (
+                    f"uri:{name}" if "://" in name else f"dns:{name}")  # fmt: skip
+                raise ValueError(
+                    f"{name!r} has no type: write {hint} (or dns:, uri:, cn: - the certificate field it "
+                    "must match: a DNS or URI subjectAltName, or the subject CN of a certificate without SAN)"
+                )
+        return value
 
     @model_validator(mode="after")
     def _identified(self) -> CallerSettings:

@@ -5,7 +5,8 @@ reload, and the ownership of caller sockets.
 
 Decisions (docs/security.md, "Who can call"): DNS and URI subjectAltNames identify a
 caller, the subject CN only when the certificate has no SAN; e-mail and IP SANs never
-do; a certificate whose names match two different callers identifies neither. A caller
+do; each name is typed (``dns:``, ``uri:``, ``cn:``) and compared within its type; a
+certificate whose names match two different callers identifies neither. A caller
 socket is created race-free (:func:`create_caller_socket`) in a directory no other user
 can write (:func:`socket_directory_problem`).
 """
@@ -13,7 +14,9 @@ can write (:func:`socket_directory_problem`).
 from __future__ import annotations
 
 import contextlib
+import functools
 import grp
+import hashlib
 import logging
 import os
 import pwd
@@ -24,6 +27,7 @@ from pathlib import Path
 
 import grpc
 from cryptography import x509
+from cryptography.hazmat.primitives import serialization
 from cryptography.x509.oid import NameOID
 
 from .config import ServerSettings
@@ -37,17 +41,37 @@ Identify = Callable[[grpc.aio.ServicerContext], Caller | None]
 
 
 def certificate_names(pem: bytes) -> tuple[str, ...]:
-    """The identities a client certificate carries, as callers are matched: its DNS and
-    URI subjectAltNames; only when it has no subjectAltName at all, its subject CN (RFC 6125
-    section 6.4.4 practice). E-mail and IP SANs never identify a caller."""
+    """The identities a client certificate carries, as callers are matched, each with its
+    type as in ``tls_names``: ``dns:`` + a DNS subjectAltName, ``uri:`` + a URI
+    subjectAltName; only when it has no subjectAltName at all, ``cn:`` + its subject CN
+    (RFC 6125 section 6.4.4 practice). E-mail and IP SANs never identify a caller. A name is
+    compared within its type only: a DNS SAN never matches a name meant as a URI or a CN."""
     cert = x509.load_pem_x509_certificate(pem)
     try:
         san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
     except x509.ExtensionNotFound:
         return tuple(
-            a.value for a in cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME) if isinstance(a.value, str)
+            "cn:" + a.value
+            for a in cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
+            if isinstance(a.value, str)
         )
-    return tuple(san.get_values_for_type(x509.DNSName)) + tuple(san.get_values_for_type(x509.UniformResourceIdentifier))
+    return tuple("dns:" + v for v in san.get_values_for_type(x509.DNSName)) + tuple(
+        "uri:" + v for v in san.get_values_for_type(x509.UniformResourceIdentifier)
+    )
+
+
+@functools.lru_cache(maxsize=1024)
+def _fingerprint(pem: bytes) -> str:
+    der = x509.load_pem_x509_certificate(pem).public_bytes(serialization.Encoding.DER)
+    return "sha256:" + hashlib.sha256(der).hexdigest()
+
+
+def certificate_fingerprint(context: grpc.aio.ServicerContext) -> str | None:
+    """``sha256:`` + the hex SHA-256 of the DER of the client certificate the request came
+    with (the audit record's ``certificate``, the form ``openssl x509 -fingerprint -sha256``
+    prints without colons); None without one (a Unix socket, the insecure listener)."""
+    pem = (context.auth_context().get("x509_pem_cert") or [b""])[0]
+    return _fingerprint(pem) if pem else None
 
 
 def tls_identifier(holder: RuntimeHolder) -> Identify:
