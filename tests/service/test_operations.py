@@ -67,6 +67,13 @@ def test_token_deleted_and_recreated_recovers_without_restart(ops):
             wait_health(address, SERVING, "backend:pkcs11")
             results = [client.sign_client_assertion("p") for _ in range(20)]
             assert all(_verifies(r.jwt, ops["key"]) for r in results)
+            # What signed is the new token's key: GetKeySet and the audit records say so.
+            assert token.serial != ops["token"].serial
+            assert [k["key_version"] for k in client.get_key_set("p").keys] == [f"serial={token.serial};id=01"]
+    lines = Path(str(ops["config"]) + ".log").read_text().splitlines()  # log lines and audit records (stdout)
+    signed = [r for r in map(json.loads, (x for x in lines if x.startswith("{"))) if r.get("outcome") == "signed"]
+    assert signed[0]["key_version"] == f"serial={ops['token'].serial};id=01"
+    assert {r["key_version"] for r in signed[-20:]} == {f"serial={token.serial};id=01"}
 
 
 def test_replace_token_under_load_costs_at_most_one_request(ops):

@@ -259,7 +259,7 @@ class SignerServicer:
                 pb.PublishedKey(
                     kid=entry.key.kid,
                     alg=entry.key.alg.name,
-                    key_version=entry.key.resolved.version,
+                    key_version=entry.key.version,
                     status=pb.KeyStatus.Value(f"KEY_STATUS_{entry.status}"),
                     active_from=int(entry.active_from),
                     published_until=int(entry.published_until),

@@ -138,6 +138,18 @@ class KeyCreator(Protocol):
 
 
 @runtime_checkable
+class VersionTracker(Protocol):
+    """Optional: the key version that signs NOW, when the backend may find the same key
+    again somewhere else (PKCS#11: after a token is deleted and re-created with the same
+    key, recovery finds it under a new token serial). ``ResolvedKey.version`` stays what
+    was pinned at resolve; audit records and GetKeySet report this one."""
+
+    def current_version(self, key: ResolvedKey) -> str:
+        """The version of ``key`` that signs now (no backend call)."""
+        ...
+
+
+@runtime_checkable
 class AlgChecker(Protocol):
     """Optional: a backend's own check that a resolved key may sign with ``alg``, beyond
     :func:`~helseid_signer.algorithms.check_key_fits` (AWS KMS: the key's allowed

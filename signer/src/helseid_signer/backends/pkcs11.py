@@ -308,6 +308,13 @@ def _custody_flags(private: Any) -> dict[str, bool | None]:
     return flags
 
 
+def _key_version(session: Any, private: Any) -> str:
+    """``serial=<token serial>;id=<CKA_ID hex>``: the exact key version (audit ``key_version``)."""
+    serial = session.token.serial
+    serial = serial.decode() if isinstance(serial, bytes) else serial
+    return f"serial={serial.strip()};id={_attr_bytes(private, Attribute.ID).hex()}"
+
+
 class _Stale(Exception):
     """A key handle lost in an earlier failure: recover before signing."""
 
@@ -340,6 +347,7 @@ class _KeyHandle:
     error: str | None = None
     custody: dict[str, bool | None] = field(default_factory=dict)
     allowed_mechanisms: tuple[int, ...] | None = None  # CKA_ALLOWED_MECHANISMS as read at resolve
+    version: str = ""  # serial=<token serial>;id=<CKA_ID hex> of the object that signs now
     replaced: bool = False  # the object now holds another public key (only the probe re-checks)
 
 
@@ -499,16 +507,14 @@ class Pkcs11Backend:
                 private = self._find_one(session, parsed, ObjectClass.PRIVATE_KEY, uri)
                 public = self._find_one(session, parsed, ObjectClass.PUBLIC_KEY, uri)
                 public_key = self._public_key(public)
-                object_id = _attr_bytes(private, Attribute.ID)
                 custody = _custody_flags(private)
                 allowed = _allowed_mechanisms(private)
-                serial = (
-                    session.token.serial.decode() if isinstance(session.token.serial, bytes) else session.token.serial
-                )
+                version = _key_version(session, private)
             except PKCS11Error as exc:
                 raise BackendUnavailableError(f"PKCS#11 error resolving {uri!r}: {type(exc).__name__}") from exc
-        version = f"serial={serial.strip()};id={object_id.hex()}"
-        handle = _KeyHandle(uri, parsed, public_key, private, custody=custody, allowed_mechanisms=allowed)
+        handle = _KeyHandle(
+            uri, parsed, public_key, private, custody=custody, allowed_mechanisms=allowed, version=version
+        )
         with self._lock:
             self._handles.append(handle)
         return ResolvedKey(uri=uri, version=version, public_key=public_key, handle=handle)
@@ -522,6 +528,11 @@ class Pkcs11Backend:
         if mechanisms:
             problems.append(mechanisms)
         return None if not problems else "private key " + "; ".join(problems)
+
+    def current_version(self, key: ResolvedKey) -> str:
+        """:class:`~.base.VersionTracker`: the token serial and CKA_ID of the object that
+        signs now - after a token was re-created with the same key, the new token's serial."""
+        return key.handle.version or key.version
 
     def check_alg(self, key: ResolvedKey, alg: Algorithm) -> None:
         """:class:`~.base.AlgChecker`: a key restricted by CKA_ALLOWED_MECHANISMS must allow
@@ -674,6 +685,16 @@ class Pkcs11Backend:
                     recovered = False
                     continue
                 handle.private, handle.error, handle.replaced = private, None, False
+                version = _key_version(session, private)
+                if version != handle.version:
+                    log.warning(
+                        "PKCS#11 key %s found again under key version %s (was %s): the same public key, "
+                        "another token or object",
+                        handle.uri,
+                        version,
+                        handle.version,
+                    )
+                    handle.version = version
             except (PKCS11Error, BackendError) as exc:
                 handle.private, handle.error = None, f"{type(exc).__name__}: {exc}"
                 recovered = False
