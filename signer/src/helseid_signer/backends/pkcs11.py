@@ -285,13 +285,20 @@ def _allowed_mechanisms(private: Any) -> tuple[int, ...] | None:
         return None
 
 
+def _mechanism_name(mechanism: int) -> str:
+    try:
+        return "CKM_" + Mechanism(mechanism).name
+    except ValueError:  # a vendor mechanism python-pkcs11 has no name for
+        return hex(mechanism)
+
+
 def _mechanism_warning(key_type: str, allowed: tuple[int, ...] | None) -> str | None:
     """Why the key's CKA_ALLOWED_MECHANISMS does not restrict it to signing mechanisms."""
     if not allowed:
         return "has no CKA_ALLOWED_MECHANISMS (any mechanism the token offers, raw RSA included, with the PIN)"
     extra = sorted(set(allowed) - set(signing_mechanisms(key_type)))
     if extra:
-        names = ", ".join(Mechanism(m).name if m in Mechanism._value2member_map_ else hex(m) for m in extra)
+        names = ", ".join(_mechanism_name(m) for m in extra)
         return f"allows mechanisms the signer never uses (CKA_ALLOWED_MECHANISMS: {names})"
     return None
 
@@ -543,7 +550,7 @@ class Pkcs11Backend:
         mechanism = signing_mechanisms(alg.kty.value, alg)[0]
         if mechanism not in allowed:
             raise AlgorithmError(
-                f"alg {alg.name} signs with {Mechanism(mechanism).name}, which the key's CKA_ALLOWED_MECHANISMS "
+                f"alg {alg.name} signs with {_mechanism_name(mechanism)}, which the key's CKA_ALLOWED_MECHANISMS "
                 "does not list"
             )
 
