@@ -5,7 +5,8 @@
 #   softhsm-test/make-token.sh [--force] [--issuer URL]
 #
 #   --issuer URL  issuer of [profiles.demo] in signer.toml (default http://127.0.0.1:4000;
-#                 https, or http on a loopback address)
+#                 on a loopback address: the kit's listener is plaintext, and insecure = true
+#                 signs only for a local issuer - docs/security.md, "Insecure mode")
 #   --force       delete the token and everything in .state/, and make them again
 #
 # Idempotent: when the token and its keys exist it only rewrites signer.toml (so --issuer

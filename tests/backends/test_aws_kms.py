@@ -239,7 +239,7 @@ def _config(tmp_path: Path, url: str, keys: dict[str, tuple[str, str]]) -> Path:
         lines += [f"[keys.{name}]", f'uri = "{uri}"', f'alg = "{alg}"', ""]
     first = next(iter(keys))
     lines += [
-        "[profiles.app]", 'client_id = "c"', 'issuer = "https://helseid-sts.test.nhn.no"',
+        "[profiles.app]", 'client_id = "c"', 'issuer = "https://127.0.0.1:4443"',
         f'assertion_key = "{first}"', f'dpop_key = "{first}"', "",
     ]  # fmt: skip
     path = tmp_path / "signer.toml"

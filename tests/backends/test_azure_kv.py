@@ -264,7 +264,7 @@ def test_config_needs_a_backends_azurekv_section(tmp_path):
     base = [
         "[server]", 'listen = "127.0.0.1:0"', "insecure = true", "",
         "[keys.a]", 'uri = "azurekv:https://v.vault.azure.net/keys/a"', 'alg = "PS256"', "",
-        "[profiles.p]", 'client_id = "c"', 'issuer = "https://helseid-sts.test.nhn.no"',
+        "[profiles.p]", 'client_id = "c"', 'issuer = "https://127.0.0.1:4443"',
         'assertion_key = "a"', 'dpop_key = "a"', "",
     ]  # fmt: skip
     path = tmp_path / "signer.toml"

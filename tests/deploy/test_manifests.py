@@ -300,7 +300,7 @@ def configmap_signer(tmp_path_factory):
     ca = CertificateAuthority(folder / "pki", "apps")
     service_name = "helseid-signer.helseid-signer.svc.cluster.local"  # what clients check (service.yaml)
     server = ca.issue("server", dns=(service_name,), ips=("127.0.0.1",), server=True)
-    app_a = ca.issue("app-a", uris=tuple(settings["callers"]["app-a"]["tls_names"]))
+    app_a = ca.issue("app-a", uris=tuple(n.removeprefix("uri:") for n in settings["callers"]["app-a"]["tls_names"]))
     socket = folder / "probe.sock"
     config = folder / "signer.toml"
     config.write_text(

@@ -89,7 +89,7 @@ def world(tmp_path_factory):
                 f'tls_private_key = "{pki / "server.key"}"',
                 f'client_ca = "{pki / "callers-ca.pem"}"',
             ),
-            extra_lines=("[callers.journal-app]", 'profiles = ["app"]', f'tls_names = ["{CALLER_NAME}"]'),
+            extra_lines=("[callers.journal-app]", 'profiles = ["app"]', f'tls_names = ["dns:{CALLER_NAME}"]'),
         )
         status_url = f"{api.base_url}/api/objects/{api.put_object(b'seed')}/download-status"
         with running_signer(config, env={"SOFTHSM2_CONF": str(token.conf)}) as address:

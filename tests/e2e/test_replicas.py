@@ -34,7 +34,7 @@ from tests.support.signer_process import SignerProcess, start_signer
 from tests.support.signerkit import keys_create, write_config
 from tests.support.softhsm import create_token, write_conf
 
-ISSUER = "https://helseid-sts.test.nhn.no"
+ISSUER = "https://127.0.0.1:4443"
 TOKEN_ENDPOINT = ISSUER + "/connect/token"
 REPLICAS = 3
 THREADS = 24  # enough calls in flight that a killed replica always takes some with it

@@ -4,6 +4,7 @@ Unix sockets and a real ``helseid-signer serve`` process on SoftHSM."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import stat
@@ -14,6 +15,8 @@ from pathlib import Path
 
 import grpc
 import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
 from jwcrypto import jwk
 
 from helseid_signer_client import SignerClient, SignerError
@@ -45,6 +48,11 @@ def world(tmp_path_factory):
         "foreign": other_ca.issue("foreign", dns=("app-a.vendor.test",)),  # right name, unknown CA
         # Names of two different callers in one certificate: neither identity is trusted.
         "two-callers": ca.issue("two-callers", dns=("app-a.vendor.test",), uris=("spiffe://vendor.test/app-b",)),
+        # A listed name in a field of another type: names are compared within their type only.
+        "dns-as-uri": ca.issue("dns-as-uri", dns=("spiffe://vendor.test/app-b",)),
+        "uri-as-dns": ca.issue("uri-as-dns", uris=("app-a.vendor.test",)),
+        "cn-as-dns": ca.issue("cn-as-dns", common_name="app-a.vendor.test"),  # no SAN, CN = app-a's DNS name
+        "dns-as-cn": ca.issue("dns-as-cn", dns=("legacy-app",)),
     }
     socket_path = folder / "sidecar.sock"
     audit_path = folder / "audit.jsonl"
@@ -61,11 +69,11 @@ def world(tmp_path_factory):
         ),
         extra_lines=(
             "[audit]", 'sink = "file"', f'path = "{audit_path}"', "",
-            "[callers.app-a]", 'tls_names = ["app-a.vendor.test"]', 'profiles = ["a"]', "",
-            "[callers.app-b]", 'tls_names = ["spiffe://vendor.test/app-b"]', 'profiles = ["b"]',
+            "[callers.app-a]", 'tls_names = ["dns:app-a.vendor.test"]', 'profiles = ["a"]', "",
+            "[callers.app-b]", 'tls_names = ["uri:spiffe://vendor.test/app-b"]', 'profiles = ["b"]',
             "rate_limit = 0.5", "rate_burst = 3", "",
-            "[callers.legacy]", 'tls_names = ["legacy-app"]', 'profiles = ["a", "b"]', "",
-            "[callers.mailbox]", 'tls_names = ["ops@vendor.test"]', 'profiles = ["a"]', "",
+            "[callers.legacy]", 'tls_names = ["cn:legacy-app"]', 'profiles = ["a", "b"]', "",
+            "[callers.mailbox]", 'tls_names = ["dns:ops@vendor.test"]', 'profiles = ["a"]', "",
             "[callers.sidecar]", 'profiles = ["b"]', f'unix_socket = {{ path = "{socket_path}", mode = 0o660 }}', "",
         ),
     )  # fmt: skip
@@ -92,7 +100,6 @@ def _audit(world) -> list[dict]:
     return [json.loads(line) for line in world["audit"].read_text().splitlines()]
 
 
-
 def test_each_application_gets_only_its_own_profile(world):
     with _client(world, "app-a") as a, _client(world, "app-b") as b:
         assertion = a.sign_client_assertion("a")
@@ -116,7 +123,9 @@ def test_certificate_without_san_is_identified_by_its_cn(world):
         assert legacy.get_client_profile("b").client_id == "multi-app"
 
 
-@pytest.mark.parametrize("who", ["unlisted", "email-only", "two-callers"])
+@pytest.mark.parametrize(
+    "who", ["unlisted", "email-only", "two-callers", "dns-as-uri", "uri-as-dns", "cn-as-dns", "dns-as-cn"]
+)
 def test_trusted_but_unlisted_certificate_is_unauthenticated(world, who):
     for profile in ("a", "b"):
         with _client(world, who) as stranger, pytest.raises(SignerError) as caught:
@@ -187,6 +196,9 @@ def test_audit_records_field_by_field(world):
     assert signed["outcome"] == "signed" and signed["status"] == "OK"
     assert signed["kid"] == world["jwks"]["ka"].thumbprint() and signed["alg"] == "ES256"
     assert signed["key_version"].startswith("serial=") and signed["exp"] == assertion.expires_at
+    # The certificate that was used: SHA-256 of its DER (computed here with `cryptography`).
+    der = x509.load_pem_x509_certificate(world["certs"]["app-a"].cert).public_bytes(serialization.Encoding.DER)
+    assert signed["certificate"] == "sha256:" + hashlib.sha256(der).hexdigest()
     assert isinstance(signed["latency_ms"], float) and signed["time"].endswith("Z")
     p = by_jti[proof.jti]
     assert (p["purpose"], p["htm"], p["htu"]) == ("dpop_proof", "GET", "https://api.example.no/deft/x")

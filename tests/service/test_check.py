@@ -105,7 +105,7 @@ def findings(lines: list[str], level: str) -> list[str]:
 def test_good_config_passes_with_only_the_expected_warning(hsm, authserver):
     path = config(
         hsm, "good", keys={"es384": "ES384", "ps256": "PS256"}, issuer=authserver.issuer,
-        extra=["[callers.app]", 'profiles = ["main"]', 'tls_names = ["app.example"]', "rate_limit = 50.0"],
+        extra=["[callers.app]", 'profiles = ["main"]', 'tls_names = ["dns:app.example"]', "rate_limit = 50.0"],
         server='insecure_caller = "app"',
     )  # fmt: skip
     status, lines, output = run_check(hsm, path)
@@ -137,12 +137,12 @@ def test_risky_settings_are_warnings_not_errors(hsm, authserver, tmp_path):
             *profile_lines("shared", authserver.issuer, "es256", "es256", "assertion_lifetime = 45"),
             # the same HSM object under a second name, for another issuer
             *profile_lines("elsewhere", other_issuer, "also_es256", "ps256"),
-            "[callers.app]", 'profiles = ["main", "shared"]', 'tls_names = ["app.example"]', "",
+            "[callers.app]", 'profiles = ["main", "shared"]', 'tls_names = ["dns:app.example"]', "",
             "[callers.local]", 'profiles = ["main"]', "rate_limit = 5.0", "[callers.local.unix_socket]",
             f'path = "{tmp_path / "local.sock"}"', "mode = 0o666", "",
             "[audit]", 'on_failure = "continue"',
         ],
-        server="reflection = true",
+        server='reflection = true\ninsecure_caller = "app"',
     )  # fmt: skip
     path.write_text(
         path.read_text().replace(
@@ -319,13 +319,45 @@ def test_issuer_without_discovery_is_an_error(hsm, stub_issuer):
 
 def test_invalid_configuration_exits_2_naming_the_key(hsm):
     path = config(
-        hsm, "invalid", keys={"es384": "ES384", "ps256": "PS256"}, issuer="https://helseid-sts.test.nhn.no",
-        extra=profile_lines("long", "https://helseid-sts.test.nhn.no", "es384", "ps256", "assertion_lifetime = 90"),
+        hsm, "invalid", keys={"es384": "ES384", "ps256": "PS256"}, issuer="https://127.0.0.1:4443",
+        extra=profile_lines("long", "https://127.0.0.1:4443", "es384", "ps256", "assertion_lifetime = 90"),
     )  # fmt: skip
     status, lines, output = run_check(hsm, path)
     assert status == 2, output
     assert lines[0].startswith("error: configuration: ") and "profiles.long.assertion_lifetime" in lines[0], lines
     assert lines[-1].startswith("check FAILED:")
+
+
+def test_a_socket_directory_others_can_write_is_an_error(hsm, tmp_path):
+    folder = tmp_path / "shared"
+    folder.mkdir()
+    folder.chmod(0o777)
+    path = config(
+        hsm, "sockdir", keys={"es384": "ES384", "ps256": "PS256"}, issuer=closed_port_url(),
+        extra=["[callers.local]", 'profiles = ["main"]', f'unix_socket = {{ path = "{folder / "s.sock"}" }}'],
+        server='insecure_caller = "local"',
+    )  # fmt: skip
+    status, lines, output = run_check(hsm, path)
+    assert status == 1, output
+    errors = findings(lines, "error")
+    assert any(e.startswith("callers.local.unix_socket.path: its directory") and "not sticky" in e for e in errors)
+
+
+@pytest.mark.parametrize(
+    ("server", "issuer", "key"),
+    [
+        ('listen = "0.0.0.0:0"\ninsecure = true', "http://127.0.0.1:9", "server.listen"),
+        ('listen = "127.0.0.1:0"\ninsecure = true\ntls_certificate = "s.pem"', "http://127.0.0.1:9",
+         "server.tls_certificate"),
+        ('listen = "127.0.0.1:0"\ninsecure = true', "https://helseid-sts.nhn.no", "profiles.main.issuer"),
+    ],
+)  # fmt: skip
+def test_insecure_outside_development_exits_2_naming_the_key(hsm, server, issuer, key):
+    path = config(hsm, "insecure", keys={"es384": "ES384", "ps256": "PS256"}, issuer=issuer)
+    path.write_text(path.read_text().replace('listen = "127.0.0.1:0"\ninsecure = true', server))
+    status, lines, output = run_check(hsm, path)
+    assert status == 2, output
+    assert lines[0].startswith("error: configuration: ") and f"{key}: " in lines[0], lines
 
 
 # ---------------------------------------------------------------- the verifier inside check

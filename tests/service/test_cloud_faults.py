@@ -26,8 +26,7 @@ from tests.support.kms_endpoint import TEST_AWS_ENV, TEST_REGION, aws_test_envir
 from tests.support.signer_proc import running_signer, sighup_and_wait
 from tests.support.tcp_proxy import TcpProxy
 
-ISSUER = "https://helseid-sts.test.nhn.no"
-
+ISSUER = "https://127.0.0.1:4443"
 
 
 def _config(path, backend_lines: list[str], uri: str, alg: str) -> None:

@@ -40,7 +40,7 @@ from tests.support.signer_process import start_signer
 from tests.support.signerkit import keys_create, write_config
 from tests.support.softhsm import create_token
 
-ISSUER = "https://helseid-sts.test.nhn.no"
+ISSUER = "https://127.0.0.1:4443"
 TOKEN_ENDPOINT = ISSUER + "/connect/token"
 CLIENT_ID = "fuzz-client"
 ALLOWED_ORGS = ("123456789", "987654321")
@@ -107,7 +107,7 @@ def signer(tmp_path_factory):
         profiles={name: ("assertion", "dpop") for name in PROFILES},
         extra_profile_lines={"single": [orgs, "assertion_lifetime = 7"], "multi": [orgs, 'tenancy = "multi"']},
         api_base_urls=API_BASES,
-        extra_lines=("[callers.app]", 'profiles = ["single", "multi"]', 'tls_names = ["app.example"]',
+        extra_lines=("[callers.app]", 'profiles = ["single", "multi"]', 'tls_names = ["dns:app.example"]',
                      "", "[audit]", 'sink = "file"', f'path = "{folder / "audit.jsonl"}"'),
     )  # fmt: skip
     config.write_text(config.read_text().replace("insecure = true", 'insecure = true\ninsecure_caller = "app"'))
@@ -149,13 +149,13 @@ def _b64url(data: bytes) -> str:
     return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
 
 
-
 def htu_allowed(htu: str) -> bool:
     """The policy, written from the issue's rules: the token endpoint, or a URL under one
     of the canonical bases (same origin, so no userinfo; base path then end or ``/``),
     ASCII without spaces, no query/fragment/backslash, no dot-segments (also
-    percent-encoded, and ``..;x`` which Tomcat-style servers treat as ``..``), no encoded
-    slash or backslash."""
+    percent-encoded, and ``..;x`` which Tomcat-style servers treat as ``..``, and names
+    that are only dots and spaces, which Windows servers reduce to ``..``), no encoded
+    slash, backslash, ``%``, ``;`` or control character, valid percent-encoding of UTF-8."""
     if htu == TOKEN_ENDPOINT:
         return True
     if not htu.isascii() or any(c <= " " or c in "\\?#\x7f" for c in htu):
@@ -163,9 +163,13 @@ def htu_allowed(htu: str) -> bool:
     for base in CANONICAL_BASES:
         if htu == base or htu.startswith(base.rstrip("/") + "/"):
             path = htu[len(base.split("/", 3)[0]) + 2 :].partition("/")[2]
-            if re.search(r"%(2f|5c)", path, re.I):
+            if re.search(r"%(2f|5c|25|3b|[01][0-9a-f]|7f)|%(?![0-9a-f]{2})", path, re.I):
                 return False
-            return not any(unquote(seg.partition(";")[0]) in (".", "..") for seg in path.split("/"))
+            try:
+                names = [unquote(seg.partition(";")[0], errors="strict") for seg in path.split("/")]
+            except UnicodeDecodeError:
+                return False
+            return not any(name and not name.rstrip(". ") for name in names)
     return False
 
 
@@ -275,6 +279,7 @@ segments = st.one_of(
     st.sampled_from([
         "deft", "api", "x", "", ".", "..", "%2e", "%2E%2e", ".%2e", "%2f", "%2F", "%5c", "\\", "..;", ";",
         "deft-admin", "connect", "token", "%00", "%", "~", "a%2fb", "..%2f", "%252e%252e",
+        "%3b", "...", "..%20", "%c0%ae", "x%zz",
     ]),
     st.text(max_size=8),
 )  # fmt: skip

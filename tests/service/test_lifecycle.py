@@ -32,7 +32,7 @@ from tests.support.signer_process import start_signer
 from tests.support.signerkit import keys_create, write_config
 from tests.support.softhsm import create_token
 
-ISSUER = "https://helseid-sts.test.nhn.no"
+ISSUER = "https://127.0.0.1:4443"
 GRACE = STOP_GRACE  # seconds calls still running get once the stop (GOAWAY) begins
 IN_FLIGHT = 200  # RSA signatures, serialised per Cryptoki instance: a backlog of a good fraction of a second
 

@@ -16,7 +16,7 @@ from tests.support.signer_proc import running_signer
 from tests.support.signerkit import keys_create, write_config
 from tests.support.softhsm import create_token
 
-ISSUER = "https://helseid-sts.test.nhn.no"
+ISSUER = "https://127.0.0.1:4443"
 
 
 def _free_port() -> int:

@@ -22,8 +22,7 @@ from tests.support.signer_proc import plain_client, running_signer, sighup_and_w
 from tests.support.signerkit import write_config
 from tests.support.softhsm import create_token, import_private_key
 
-ISSUER = "https://helseid-sts.test.nhn.no"
-
+ISSUER = "https://127.0.0.1:4443"
 
 
 def _recreate(folder: Path, key: ec.EllipticCurvePrivateKey) -> None:
@@ -68,6 +67,13 @@ def test_token_deleted_and_recreated_recovers_without_restart(ops):
             wait_health(address, SERVING, "backend:pkcs11")
             results = [client.sign_client_assertion("p") for _ in range(20)]
             assert all(_verifies(r.jwt, ops["key"]) for r in results)
+            # What signed is the new token's key: GetKeySet and the audit records say so.
+            assert token.serial != ops["token"].serial
+            assert [k["key_version"] for k in client.get_key_set("p").keys] == [f"serial={token.serial};id=01"]
+    lines = Path(str(ops["config"]) + ".log").read_text().splitlines()  # log lines and audit records (stdout)
+    signed = [r for r in map(json.loads, (x for x in lines if x.startswith("{"))) if r.get("outcome") == "signed"]
+    assert signed[0]["key_version"] == f"serial={ops['token'].serial};id=01"
+    assert {r["key_version"] for r in signed[-20:]} == {f"serial={token.serial};id=01"}
 
 
 def test_replace_token_under_load_costs_at_most_one_request(ops):
@@ -152,12 +158,12 @@ def test_sighup_reloads_a_good_configuration_and_refuses_a_bad_one(ops):
             # A good change: a second profile and a shorter lifetime.
             config.write_text(
                 original.replace('dpop_key = "k"', 'dpop_key = "k"\nassertion_lifetime = 5', 1)
-                + '\n[profiles.q]\nclient_id = "q"\nissuer = "https://helseid-sts.nhn.no"\n'
+                + '\n[profiles.q]\nclient_id = "q"\nissuer = "https://localhost:4443"\n'
                 'assertion_key = "k"\ndpop_key = "k"\n'
             )
             _signal_signer(config, signal.SIGHUP)
             _eventually(lambda: client.get_client_profile("p").assertion_lifetime_seconds == 5)
-            assert client.get_client_profile("q").issuer == "https://helseid-sts.nhn.no"
+            assert client.get_client_profile("q").issuer == "https://localhost:4443"
             # A bad change: refused, the running configuration stays.
             config.write_text(original.replace('alg = "ES256"', 'alg = "ES384"'))
             _signal_signer(config, signal.SIGHUP)

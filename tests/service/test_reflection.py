@@ -25,7 +25,7 @@ def test_reflection_only_when_configured(tmp_path, reflection):
     token = create_token(tmp_path / "token", label="refl")
     keys_create(token, "k", "EC-P256", "ES256")
     config = write_config(
-        tmp_path / "signer.toml", token, issuer="https://helseid-sts.test.nhn.no", client_id="c",
+        tmp_path / "signer.toml", token, issuer="https://127.0.0.1:4443", client_id="c",
         keys={"k": "ES256"}, profiles={"p": ("k", "k")},
         server_lines=('listen = "127.0.0.1:0"', "insecure = true", f"reflection = {str(reflection).lower()}"),
     )  # fmt: skip

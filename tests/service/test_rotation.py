@@ -36,7 +36,7 @@ from tests.support.signer_proc import running_signer
 from tests.support.signerkit import keys_create, write_config
 from tests.support.softhsm import create_token
 
-ISSUER = "https://helseid-sts.test.nhn.no"
+ISSUER = "https://127.0.0.1:4443"
 CLIENT_ID = "rotation-client"
 LEAD = 12  # seconds from writing the configuration to the switch time T (start-up must fit in it)
 KEYS = {"cur": "ES256", "nxt_a": "ES384", "nxt_b": "ES256", "nxt_e": "ES256", "old": "ES256", "dpop": "ES256"}
@@ -85,7 +85,6 @@ def _write(tmp_path: Path, token, switch_at: str) -> Path:
         extra_lines=("[selfservice]", f'records_dir = "{tmp_path / "records"}"'),
         server_lines=('listen = "127.0.0.1:0"', "insecure = true", "health_interval = 0.2"),
     )
-
 
 
 def _key_set(signer: SignerClient, profile: str) -> tuple[dict, list[tuple[str, str, int, int]]]:

@@ -23,7 +23,7 @@ from tests.support.signer_proc import running_signer
 from tests.support.signerkit import keys_create, write_config
 from tests.support.softhsm import create_token
 
-ISSUER = "https://helseid-sts.test.nhn.no"
+ISSUER = "https://127.0.0.1:4443"
 CLIENT_ID = "svc-client"
 ALLOWED = ("123456789", "987654321")
 
@@ -52,7 +52,6 @@ def signer(tmp_path_factory):
             client.jwks = {k: jwk.JWK(**v) for k, v in jwks.items()}
             client.address = address
             yield client
-
 
 
 def test_client_assertion_claims(signer):
@@ -178,6 +177,9 @@ BAD_REQUESTS = [
      "htu"),
     ("proof", {"profile": "single", "htm": "GET", "htu": "https://api.example.no/deft/%252e%252e/admin"},
      "INVALID_ARGUMENT", "htu"),
+    # unclean paths (issue 13 point 10): encoded ;, NUL, trailing dots/spaces, over-long UTF-8, bad %-encoding
+    *[("proof", {"profile": "single", "htm": "GET", "htu": "https://api.example.no/deft/" + p}, "INVALID_ARGUMENT",
+       "htu") for p in ("x%3bjsessionid=1", "x%00", "..%20/admin", ".../admin", "%c0%ae%c0%ae/admin", "x%", "x%zz")],
     ("proof", {"profile": "single", "htm": "GET", "htu": "http://api.example.no/deft/x"}, "PERMISSION_DENIED", "htu"),
     ("proof", {"profile": "single", "htm": "GET", "htu": "https://api.example.no:8443/deft/x"}, "PERMISSION_DENIED",
      "htu"),

@@ -61,7 +61,7 @@ def test_where_the_signature_runs(token, on_event_loop: bool) -> None:
     config = write_config(
         folder / f"signer-{on_event_loop}.toml",
         token,
-        issuer="https://helseid-sts.test.nhn.no",
+        issuer="https://127.0.0.1:4443",
         client_id="inline-client",
         keys={"assertion": "RS256", "dpop": "ES256"},
         profiles={"p": ("assertion", "dpop")},

@@ -34,7 +34,7 @@ def two_workers(tmp_path_factory):
     token = create_token(folder / "token", label="workers")
     public = jwk.JWK(**keys_create(token, "rsa", "RSA-2048", "RS256"))
     config = write_config(
-        folder / "signer.toml", token, issuer="https://helseid-sts.test.nhn.no", client_id="w",
+        folder / "signer.toml", token, issuer="https://127.0.0.1:4443", client_id="w",
         keys={"rsa": "RS256"}, profiles={"p": ("rsa", "rsa")},
     )  # fmt: skip
     config.write_text(config.read_text().replace("insecure = true", "insecure = true\nworkers = 2"))
@@ -79,9 +79,7 @@ def test_supervisor_restarts_a_killed_worker(two_workers):
     assert victim not in now and len(now) >= len(before)
     time.sleep(1.5)  # the new worker initialises Cryptoki and binds
     with SignerClient(address) as client:
-        assert all(
-            client.sign_dpop_proof("p", "POST", "https://helseid-sts.test.nhn.no/connect/token").jwt for _ in range(50)
-        )
+        assert all(client.sign_dpop_proof("p", "POST", "https://127.0.0.1:4443/connect/token").jwt for _ in range(50))
 
 
 def test_configuration_error_in_workers_stops_the_supervisor(tmp_path):
@@ -90,7 +88,7 @@ def test_configuration_error_in_workers_stops_the_supervisor(tmp_path):
     token = create_token(tmp_path / "token", label="wbad")
     keys_create(token, "ec", "EC-P256", "ES256")
     config = write_config(
-        tmp_path / "signer.toml", token, issuer="https://helseid-sts.test.nhn.no", client_id="w",
+        tmp_path / "signer.toml", token, issuer="https://127.0.0.1:4443", client_id="w",
         keys={"ec": "ES384"}, profiles={"p": ("ec", "ec")},
         server_lines=('listen = "127.0.0.1:0"', "insecure = true", "workers = 2"),
     )  # fmt: skip
@@ -111,7 +109,7 @@ def test_a_second_single_server_cannot_take_over_a_port_in_use(two_workers, tmp_
     token = create_token(tmp_path / "token", label="second")
     keys_create(token, "k", "EC-P256", "ES256")
     config = write_config(
-        tmp_path / "signer.toml", token, issuer="https://helseid-sts.test.nhn.no", client_id="impostor",
+        tmp_path / "signer.toml", token, issuer="https://127.0.0.1:4443", client_id="impostor",
         keys={"k": "ES256"}, profiles={"p": ("k", "k")},
         server_lines=(f'listen = "{address}"', "insecure = true"),
     )  # fmt: skip
@@ -144,7 +142,7 @@ def _two_worker_config(tmp_path: Path, label: str):
     returns (token, public JWK, write_config keywords, server lines, config path)."""
     token = create_token(tmp_path / "token", label=label)
     public = jwk.JWK(**keys_create(token, "k", "EC-P256", "ES256"))
-    common = dict(issuer="https://helseid-sts.test.nhn.no", client_id="w", keys={"k": "ES256"})
+    common = dict(issuer="https://127.0.0.1:4443", client_id="w", keys={"k": "ES256"})
     server = ('listen = "127.0.0.1:0"', "insecure = true", "workers = 2")
     config = write_config(tmp_path / "signer.toml", token, profiles={"p": ("k", "k")}, server_lines=server, **common)
     return token, public, common, server, config
@@ -250,7 +248,7 @@ def test_sighups_during_shutdown_neither_reload_nor_kill(tmp_path):
     keys_create(token, "k", "EC-P256", "ES256")
     server = ('listen = "127.0.0.1:0"', "insecure = true", "workers = 2")
     config = write_config(
-        tmp_path / "signer.toml", token, issuer="https://helseid-sts.test.nhn.no", client_id="w",
+        tmp_path / "signer.toml", token, issuer="https://127.0.0.1:4443", client_id="w",
         keys={"k": "ES256"}, profiles={"p": ("k", "k")}, server_lines=server,
     )  # fmt: skip
     proc, _, log = _start_workers(token, config)

@@ -111,7 +111,7 @@ def test_fsync_needs_a_file_sink_and_writes_records(tmp_path):
         '[server]\nlisten = "127.0.0.1:50051"\ninsecure = true\n'
         '[backends.pkcs11]\nmodule = "/x.so"\npin_file = "/p"\n'
         '[keys.k]\nuri = "pkcs11:token=t;object=k"\nalg = "ES256"\n'
-        '[profiles.p]\nclient_id = "c"\nissuer = "https://helseid-sts.test.nhn.no"\n'
+        '[profiles.p]\nclient_id = "c"\nissuer = "https://127.0.0.1:4443"\n'
         'assertion_key = "k"\ndpop_key = "k"\n'
     )
     (tmp_path / "a.toml").write_text(base + "[audit]\nfsync = true\n")
@@ -211,3 +211,91 @@ def test_a_failed_write_is_never_written_later_and_the_next_record_starts_a_new_
     assert [json.loads(lines[0])["jti"], json.loads(lines[2])["jti"]] == ["before", "after"]
     result = verify_lines(lines)
     assert result.ok and len(result.chains) == 2 and result.other_lines == 1
+
+
+# ------------------------------------- chain anchors in the service log (issue 13, point 8)
+
+
+@pytest.fixture
+def service_log(tmp_path):
+    """The signer's JSON service log (logs.setup_logging's formatter), written to a file."""
+    import logging
+
+    from helseid_signer.logs import _JsonFormatter
+
+    path = tmp_path / "service.log"
+    handler = logging.FileHandler(path)
+    handler.setFormatter(_JsonFormatter())
+    logger = logging.getLogger("helseid_signer.audit")
+    old_level = logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    yield path
+    logger.removeHandler(handler)
+    logger.setLevel(old_level)
+    handler.close()
+
+
+def _verify_with_log(path: Path, log: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "helseid_signer.cli", "audit", "verify", str(path), "--service-log", str(log)],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+
+
+def _forged_chain(n: int) -> list[str]:
+    """A self-consistent chain anyone can write: a random id, seq 1.., each prev the hash
+    of the line before (hashlib, not the product's helper)."""
+    lines, prev = [], None
+    for i in range(n):
+        entry = {"time": "2026-12-05T10:00:00.000Z", "chain": "00112233445566ff", "seq": i + 1, "prev": prev,
+                 "caller": "app", "purpose": "client_assertion", "outcome": "signed", "jti": f"forged{i}"}  # fmt: skip
+        line = json.dumps(entry, separators=(",", ":"))
+        lines.append(line)
+        prev = _sha256_b64url(line)
+    return lines
+
+
+def test_a_forged_chain_inserted_in_the_middle_is_found_with_the_service_log(tmp_path, service_log):
+    path = tmp_path / "audit.jsonl"
+    _write(path, 4).close()
+    lines = path.read_text().splitlines()
+    path.write_text("\n".join([*lines[:2], *_forged_chain(3), *lines[2:]]) + "\n")
+    # Without the anchors the forged chain is indistinguishable from a new worker's chain:
+    # this is what audit verify alone cannot prove (docs/security.md).
+    assert _verify_cli(path).returncode == 0
+    proc = _verify_with_log(path, service_log)
+    assert proc.returncode == 1, proc.stdout
+    assert "chain 00112233445566ff: 3 record(s)" in proc.stdout
+    assert "not announced in the service log: a chain the signer did not write (inserted)" in proc.stdout
+    assert "service log: 2 chain anchor(s)" in proc.stdout  # the real chain's start and end
+
+
+def test_anchors_find_a_removed_tail_and_a_removed_chain(tmp_path, service_log):
+    path = tmp_path / "audit.jsonl"
+    _write(path, 4).close()
+    lines = path.read_text().splitlines()
+    assert _verify_with_log(path, service_log).returncode == 0  # intact, with its anchors
+    path.write_text("\n".join(lines[:3]) + "\n")  # the last record removed: verify alone cannot see it
+    assert _verify_cli(path).returncode == 0
+    proc = _verify_with_log(path, service_log)
+    assert proc.returncode == 1 and "ends at seq 3, the service log says it ended at seq 4" in proc.stdout, proc.stdout
+    path.write_text("\n".join([*lines[:3], lines[3].replace('"j3"', '"jX"')]) + "\n")  # last record edited
+    assert _verify_cli(path).returncode == 0
+    assert "last record (seq 4) is not the one the service log names" in _verify_with_log(path, service_log).stdout
+    other = tmp_path / "other.jsonl"
+    _write(other, 2).close()
+    proc = _verify_with_log(other, service_log)  # the first file's chain is missing from this one
+    assert proc.returncode == 1 and "announced in the service log" in proc.stdout and "(removed)" in proc.stdout
+
+
+def test_a_failed_write_ends_the_chain_in_the_log_and_the_next_chain_is_announced(tmp_path, service_log):
+    path = tmp_path / "audit.jsonl"
+    log = _write(path, 2)
+    log._new_chain()  # what a failed write does (the record is not written; a new chain begins)
+    log.write({"purpose": "key_set"})
+    log.close()
+    anchors = [json.loads(line)["audit_chain"] for line in service_log.read_text().splitlines()]
+    assert [(a["event"], a.get("seq")) for a in anchors] == [("start", None), ("end", 2), ("start", None), ("end", 1)]
+    assert anchors[0]["sink"] == str(path)
+    assert _verify_with_log(path, service_log).returncode == 0

@@ -29,13 +29,19 @@ alg = "ES256"
 
 [profiles.demo]
 client_id = "a1b2c3"
-issuer = "https://helseid-sts.test.nhn.no"
+issuer = "https://127.0.0.1:4443"
 assertion_key = "assertion"
 dpop_key = "dpop"
 assertion_lifetime = 10
 tenancy = "multi"
 allowed_organization_numbers = ["912345678", "998877665"]
 """
+
+
+#: VALID with a TLS listener instead of plaintext: the only way to sign for a non-loopback issuer.
+VALID_TLS = VALID.replace(
+    "insecure = true\n", 'tls_certificate = "server.pem"\ntls_private_key = "server.key"\nclient_ca = "ca.pem"\n'
+)
 
 
 def write(tmp_path: Path, text: str) -> Path:
@@ -67,11 +73,11 @@ def test_valid_config_loads(tmp_path: Path) -> None:
     assert settings.keys["dpop"].uri == "pkcs11:token=helseid;object=dpop"
     profile = settings.profiles["demo"]
     assert profile.client_id == "a1b2c3"
-    assert profile.issuer == "https://helseid-sts.test.nhn.no"
+    assert profile.issuer == "https://127.0.0.1:4443"
     assert profile.assertion_lifetime == 10
     assert profile.tenancy == "multi"
     assert profile.allowed_organization_numbers == ("912345678", "998877665")
-    assert profile.effective_token_endpoint == "https://helseid-sts.test.nhn.no/connect/token"
+    assert profile.effective_token_endpoint == "https://127.0.0.1:4443/connect/token"
 
 
 def test_defaults(tmp_path: Path) -> None:
@@ -85,7 +91,7 @@ def test_defaults(tmp_path: Path) -> None:
 
 
 def test_issuer_kept_exactly_and_explicit_token_endpoint(tmp_path: Path) -> None:
-    text = replace_line(VALID, "issuer", 'issuer = "https://issuer.example/tenant/"')
+    text = replace_line(VALID_TLS, "issuer", 'issuer = "https://issuer.example/tenant/"')
     text = text.replace('dpop_key = "dpop"', 'dpop_key = "dpop"\ntoken_endpoint = "https://issuer.example/tok"')
     profile = load_settings(write(tmp_path, text)).profiles["demo"]
     assert profile.issuer == "https://issuer.example/tenant/"  # no slash added or removed
@@ -126,7 +132,7 @@ def test_absolute_pin_file_kept(tmp_path: Path) -> None:
     ],
 )
 def test_http_allowed_only_for_loopback(tmp_path: Path, issuer: str) -> None:
-    text = replace_line(VALID, "issuer", f'issuer = "{issuer}"')
+    text = replace_line(VALID_TLS, "issuer", f'issuer = "{issuer}"')
     assert load_settings(write(tmp_path, text)).profiles["demo"].issuer == issuer
 
 
@@ -140,13 +146,13 @@ def test_http_allowed_only_for_loopback(tmp_path: Path, issuer: str) -> None:
         ("ftp://helseid-sts.test.nhn.no", "https"),
         ("helseid-sts.test.nhn.no", "https"),
         ("https://user:pw@helseid-sts.test.nhn.no", "userinfo"),
-        ("https://helseid-sts.test.nhn.no?x=1", "query"),
-        ("https://helseid-sts.test.nhn.no#f", "fragment"),
-        ("https://helseid-sts.test.nhn.no?", "query"),
-        ("https://helseid-sts.test.nhn.no:99999", "port"),
-        ("https://helseid-sts.test.nhn.no:abc", "port"),
-        ("https://helseid-sts.test.nhn.no\\n", "control"),
-        ("https://helseid-sts.test.nhn.no ", "spaces"),
+        ("https://127.0.0.1:4443?x=1", "query"),
+        ("https://127.0.0.1:4443#f", "fragment"),
+        ("https://127.0.0.1:4443?", "query"),
+        ("https://127.0.0.1:4443:99999", "port"),
+        ("https://127.0.0.1:4443:abc", "port"),
+        ("https://127.0.0.1:4443\\n", "control"),
+        ("https://127.0.0.1:4443 ", "spaces"),
         ("https://helseid sts.test.nhn.no", "spaces"),
         ("https://[::1", "IPv6"),
     ],

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import pytest
 
-from helseid_signer.htu import canonical_htu
+from helseid_signer.htu import HtuPolicy, UrlBase, canonical_htu
 from tests.support.refusal import refused as _refused
 
 # --------------------------------------------------------------------------- htu
@@ -106,3 +106,72 @@ def test_canonical_htu_length_limit() -> None:
     base = "https://a.example/"
     assert canonical_htu(base + "p" * (2048 - len(base))) == base + "p" * (2048 - len(base))
     _refused(lambda: canonical_htu(base + "p" * (2049 - len(base))), "htu")
+
+
+# ------------------------------------------------------- unclean paths (HtuPolicy)
+
+POLICY = HtuPolicy.from_settings("https://helseid-sts.test.nhn.no/connect/token", ("https://api.example.no/deft",))
+
+UNCLEAN_PATHS = [
+    "/deft/x%3bjsessionid=1",  # encoded ;
+    "/deft/x%3Ba",
+    "/deft/x%00",  # encoded NUL and other control characters
+    "/deft/x%0a",
+    "/deft/x%0D%0A",
+    "/deft/x%1f",
+    "/deft/x%7F",
+    "/deft/..%20/admin",  # Windows drops trailing dots and spaces: ".. " and "..." are ".."
+    "/deft/.%20/admin",
+    "/deft/...",
+    "/deft/.../admin",
+    "/deft/..../admin",
+    "/deft/%2e%2e%2e/admin",
+    "/deft/..%20%20/admin",
+    "/deft/%c0%ae%c0%ae/admin",  # over-long UTF-8 for "."
+    "/deft/%c0%af",  # over-long "/"
+    "/deft/%e0%80%ae",
+    "/deft/%ff",  # not UTF-8 at all
+    "/deft/%c3",  # truncated sequence
+    "/deft/x%",  # invalid percent-encoding
+    "/deft/x%z",
+    "/deft/x%zz",
+    "/deft/x%2",
+    "/deft/x%g0",
+    "/deft/..",  # still refused: dot-segments, also encoded and with parameters
+    "/deft/./x",
+    "/deft/%2e",
+    "/deft/..;x/admin",
+    "/deft/a%2fb",
+    "/deft/a%5cb",
+    "/deft/%252e%252e",
+]
+
+
+@pytest.mark.parametrize("path", UNCLEAN_PATHS)
+def test_unclean_paths_refused(path: str) -> None:
+    error = _refused(lambda: POLICY.check("https://api.example.no" + path), "htu")
+    assert error.code == "INVALID_ARGUMENT"
+
+
+CLEAN_PATHS = [
+    "/deft/files",
+    "/deft/a%20b",  # a space inside a name is fine
+    "/deft/%C3%A6%C3%B8%C3%A5",  # UTF-8 "æøå"
+    "/deft/%41%7e",
+    "/deft/.well-known/x",
+    "/deft/a.",  # a trailing dot after a name
+    "/deft/..foo",
+    "/deft/x;v=1",  # a path parameter (unencoded ;) is clean
+    "/deft//double",
+]
+
+
+@pytest.mark.parametrize("path", CLEAN_PATHS)
+def test_clean_paths_signed(path: str) -> None:
+    assert POLICY.check("https://api.example.no" + path) == "https://api.example.no" + path
+
+
+@pytest.mark.parametrize("path", ["/deft%3b", "/deft/...", "/deft/%c0%ae", "/deft%"])
+def test_unclean_base_url_refused(path: str) -> None:
+    with pytest.raises(ValueError, match="a base URL's path"):
+        UrlBase.parse("https://api.example.no" + path)

@@ -21,6 +21,17 @@ very end of a chain: the last record of a chain, or whole chains, can still be r
 altered unnoticed by someone who can write the file - ship records off the host as they are
 written (docs/security.md).
 
+**Chain anchors (insertion of whole chains).** A chain id carries no secret, so a forged,
+self-consistent chain inserted into the file verifies on its own. Hence every chain is also
+announced where the records are not: the service log (stderr, shipped separately) gets one
+line with an ``audit_chain`` field when a chain's first record is written
+(``{"event": "start", "chain", "sink"}``) and one when the chain ends - at close, reload or
+after a failed write (``{"event": "end", "chain", "seq", "last"}``, ``last`` the hash of its
+last line). :func:`verify_anchors` (``audit verify --service-log``) then reports a chain the
+log never announced (inserted), an announced chain missing from the files (removed), and a
+chain whose last record is not the one the log names (its tail removed or its last record
+edited).
+
 Failure policy (``[audit] on_failure``): ``fail_closed`` (default) - if the record cannot
 be written and flushed (and, with ``fsync = true``, synced to disk), the request fails with
 UNAVAILABLE and no JWS is returned, so nothing is ever signed unaudited; ``continue`` - log
@@ -90,6 +101,7 @@ class AuditLog:
         self._new_chain()
 
     def _new_chain(self) -> None:
+        self._announce_end()
         self.chain = secrets.token_hex(8)
         self._seq = 0
         self._prev: str | None = None
@@ -122,6 +134,15 @@ class AuditLog:
             self._partial = False
             self._seq += 1
             self._prev = line_hash(line)
+            if self._seq == 1:
+                anchor = {"event": "start", "chain": self.chain, "sink": self.path or "stdout"}
+                log.info("audit chain %s started", self.chain, extra={"audit_chain": anchor})
+
+    def _announce_end(self) -> None:
+        """Log the end of the current chain (its last seq and line hash), if it has records."""
+        if getattr(self, "_seq", 0) > 0:
+            anchor = {"event": "end", "chain": self.chain, "seq": self._seq, "last": self._prev}
+            log.info("audit chain %s ended at seq %d", self.chain, self._seq, extra={"audit_chain": anchor})
 
     def moved(self) -> bool:
         """True when ``path`` no longer names the open file (log rotation moved or deleted it):
@@ -135,12 +156,13 @@ class AuditLog:
         return (at_path.st_dev, at_path.st_ino) != (open_file.st_dev, open_file.st_ino)
 
     def close(self) -> None:
-        """Close the file (not stdout)."""
-        if self._own:
-            with self._lock:
-                if self._fd >= 0:
-                    os.close(self._fd)
-                    self._fd = -1
+        """Log the chain's end anchor and close the file (not stdout)."""
+        with self._lock:
+            self._announce_end()
+            self._seq = 0
+            if self._own and self._fd >= 0:
+                os.close(self._fd)
+                self._fd = -1
 
 
 @dataclass
@@ -234,6 +256,53 @@ def verify_lines(lines: Iterable[str], result: Verification | None = None, sourc
 
 
 _CHAIN_ID = re.compile(r"[0-9a-f]{16}")
+
+
+def verify_anchors(log_lines: Iterable[str], result: Verification) -> int:
+    """Check the chains :func:`verify_lines` found against the chain anchors in the service
+    log ``log_lines`` (JSON lines; those without an ``audit_chain`` field are skipped).
+
+    Adds a problem for: a chain in the files whose start the log never announced (a chain
+    the signer did not write: inserted); a chain the log announced that is not in the files
+    (removed whole - pass the log of the same period as the files); a chain whose last
+    record in the files is not the seq and line hash its end anchor names (records removed
+    from its end, or its last record edited). Returns the number of anchors read. Never
+    raises on bad input."""
+    started: dict[str, str | None] = {}
+    ended: dict[str, tuple[Any, Any]] = {}
+    anchors = 0
+    for raw in log_lines:
+        line = raw.strip()
+        if '"audit_chain"' not in line or len(line) > MAX_LINE:
+            continue
+        try:
+            entry = json.loads(line)
+        except (ValueError, RecursionError):
+            continue
+        anchor = entry.get("audit_chain") if isinstance(entry, dict) else None
+        if not isinstance(anchor, dict) or not isinstance(anchor.get("chain"), str):
+            continue
+        anchors += 1
+        if anchor.get("event") == "start":
+            started[anchor["chain"]] = _printable(entry.get("time"))
+        elif anchor.get("event") == "end":
+            ended[anchor["chain"]] = (anchor.get("seq"), anchor.get("last"))
+    for chain, report in result.chains.items():
+        if chain not in started:
+            report.problems.append("not announced in the service log: a chain the signer did not write (inserted)")
+        if chain in ended and result.last.get(chain) != ended[chain]:
+            seq = result.last[chain][0] if chain in result.last else 0
+            report.problems.append(
+                f"its last record (seq {seq}) is not the one the service log names (it was changed)"
+                if seq == ended[chain][0]
+                else f"ends at seq {seq}, the service log says it ended at seq {ended[chain][0]} (records removed)"
+            )
+    for chain, when in started.items():
+        if chain not in result.chains:
+            result.problems.append(
+                f"chain {_printable(chain)}: announced in the service log ({when}) but not in the files (removed)"
+            )
+    return anchors
 
 
 def _printable(value: Any) -> str | None:

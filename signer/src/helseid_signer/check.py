@@ -58,6 +58,7 @@ from .config import (
     load_settings,
 )
 from .htu import HtuPolicy, canonical_htu
+from .identity import socket_directory_problem
 from .keys import ASSERTION_TYP, DPOP_TYP, SigningKey, build_backends, make_signing_key
 from .preflight import startup_problems
 from .rotation import RegistrationBook
@@ -445,6 +446,13 @@ def check_settings(settings: Settings, keys: dict[str, SigningKey], report: Repo
         report.warning("server.reflection: on; anyone who can connect can list the service's methods")
     for name, caller in settings.callers.items():
         sock = caller.unix_socket
+        if sock is not None:
+            try:
+                problem = socket_directory_problem(sock.path)
+            except OSError as exc:
+                problem = f"cannot read its directory: {exc.strerror or exc}"
+            if problem:
+                report.error(f"callers.{name}.unix_socket.path: {problem} (serve refuses it)")
         if sock is not None and sock.mode & 0o007:
             report.warning(
                 f"callers.{name}.unix_socket.mode: {sock.mode:#o} lets other users connect as this caller "

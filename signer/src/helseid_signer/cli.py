@@ -149,7 +149,7 @@ def cmd_keys_create(args: argparse.Namespace) -> int:
     backend = _backend_for_create(args)
     if not isinstance(backend, KeyCreator):
         raise BackendError(f"backend {backend.scheme} cannot create keys")
-    resolved = backend.create_key(args.uri, args.spec)
+    resolved = backend.create_key(args.uri, args.spec, alg=get_algorithm(args.alg) if args.alg else None)
     key = make_signing_key(args.uri, args.alg, backend, resolved) if args.alg else None
     from .jwt import public_jwk, thumbprint
 
@@ -222,7 +222,7 @@ def cmd_keys_register(args: argparse.Namespace) -> int:
 
 
 def cmd_audit_verify(args: argparse.Namespace) -> int:
-    from .audit import Verification, verify_lines
+    from .audit import Verification, verify_anchors, verify_lines
 
     result = Verification()
     for path in args.files:  # in order: a chain may continue from one (rotated) file to the next
@@ -232,6 +232,17 @@ def cmd_audit_verify(args: argparse.Namespace) -> int:
         except OSError as exc:
             print(f"helseid-signer: error: cannot read {path}: {exc.strerror or exc}", file=sys.stderr)
             return 2
+    if args.service_log:
+        lines: list[str] = []
+        for path in args.service_log:
+            try:
+                with open(path, encoding="utf-8", errors="replace") as f:
+                    lines += f.readlines()
+            except OSError as exc:
+                print(f"helseid-signer: error: cannot read {path}: {exc.strerror or exc}", file=sys.stderr)
+                return 2
+        anchors = verify_anchors(lines, result)
+        print(f"service log: {anchors} chain anchor(s) from {len(args.service_log)} file(s)")
     print(f"{len(args.files)} file(s): {len(result.chains)} chain(s), {result.records} record(s), "
           f"{result.other_lines} other line(s)")  # fmt: skip
     for report in result.chains.values():
@@ -356,10 +367,15 @@ def main(argv: list[str] | None = None) -> int:
         description="Files are read in the order given, so a chain may continue across rotated files "
         "(audit.jsonl.1 audit.jsonl). Exit 0: every chain intact; 1: a problem (each printed with its file and "
         "line; an edited record shows at the line after it) or no record at all; 2: a file cannot be read. "
-        "An edit to a chain's last record, or removing its last records or a whole chain, goes unnoticed: "
-        "ship records off the host as they are written.",
+        "Without --service-log, an edit to a chain's last record, or removing its last records, or removing "
+        "or inserting a whole chain, goes unnoticed; with it, each chain must be announced in the service log "
+        "and end where the log says. Ship records and the log off the host as they are written.",
     )
     p.add_argument("files", nargs="+", help="audit files (JSON lines; log lines among them are skipped)")
+    p.add_argument(
+        "--service-log", action="append", metavar="FILE",
+        help="the signer's JSON log of the same period (repeatable): its audit chain anchors are checked",
+    )  # fmt: skip
     p.set_defaults(func=cmd_audit_verify)
 
     args = parser.parse_args(argv)

@@ -14,6 +14,7 @@ import tomllib
 from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Annotated, Any, Literal
+from urllib.parse import urlsplit
 
 from pydantic import AfterValidator, Field, ValidationError, ValidationInfo, field_validator, model_validator
 from pydantic_core import InitErrorDetails
@@ -35,6 +36,8 @@ __all__ = ["ConfigError", "Settings", "is_loopback_host", "load_settings", "pars
 
 NAME_PATTERN = r"^[A-Za-z0-9._-]{1,64}$"
 ORGNR_PATTERN = r"^[0-9]{9}$"
+#: The types of a caller's ``tls_names`` (``identity.certificate_names`` gives the same).
+TLS_NAME_TYPES = ("dns", "uri", "cn")
 Name = Annotated[str, Field(pattern=NAME_PATTERN)]
 
 
@@ -98,8 +101,9 @@ class UnixSocketSettings(_Strict):
 class CallerSettings(_Strict):
     """``[callers.NAME]``: one application allowed to call the service.
 
-    ``tls_names``: identities its client certificate carries (a DNS or URI subjectAltName,
-    or the subject CN when the certificate has no SAN). ``unix_socket``: its own socket.
+    ``tls_names``: identities its client certificate carries, typed: ``dns:NAME`` (a DNS
+    subjectAltName), ``uri:URI`` (a URI subjectAltName), ``cn:NAME`` (the subject CN of a
+    certificate without SAN); each compared within its type only. ``unix_socket``: its own socket.
     ``profiles``: the profiles it may use. ``rate_limit``: requests per second (average,
     per worker process) with bursts up to ``rate_burst``; unlimited when unset.
     """
@@ -109,6 +113,20 @@ class CallerSettings(_Strict):
     unix_socket: UnixSocketSettings | None = None
     rate_limit: Annotated[float, Field(gt=0, le=1_000_000)] | None = None
     rate_burst: Annotated[Int, Field(ge=1, le=1_000_000)] | None = None
+
+    @field_validator("tls_names")
+    @classmethod
+    def _typed(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        for name in value:
+            kind, sep, rest = name.partition(":")
+            if not sep or kind not in TLS_NAME_TYPES or not rest:
+                hint = f"{kind.lower()}:{rest}" if kind.lower() in TLS_NAME_TYPES and rest else (
+                    f"uri:{name}" if "://" in name else f"dns:{name}")  # fmt: skip
+                raise ValueError(
+                    f"{name!r} has no type: write {hint} (or dns:, uri:, cn: - the certificate field it "
+                    "must match: a DNS or URI subjectAltName, or the subject CN of a certificate without SAN)"
+                )
+        return value
 
     @model_validator(mode="after")
     def _identified(self) -> CallerSettings:
@@ -361,12 +379,54 @@ class Settings(_Strict):
             raise ValueError("server.workers: Unix sockets need workers = 1 (a socket path has one listener)")
         if not self.server.listen and not sockets:
             raise ValueError("server.listen: no listener (set listen, or give a caller a unix_socket)")
+        if self.server.insecure and self.server.listen:
+            self._insecure_development_only()
         for name, key in self.keys.items():
             scheme = key.uri.partition(":")[0]
             if scheme in REGISTRY and scheme not in self.backends.configured:
                 article = "an" if scheme[0] in "aeiou" else "a"
                 raise ValueError(f"keys.{name}.uri: {article} {scheme}: key needs a [backends.{scheme}] section")
         return self
+
+    def _insecure_development_only(self) -> None:
+        """``insecure = true`` is development on one machine: every profile's issuer and
+        token endpoint on a loopback address (a local authorization server, never a HelseID
+        environment), and, when callers are configured, ``insecure_caller`` naming the one
+        plaintext requests are - an implicit caller that may use every profile would bypass
+        them - and no other caller identified only by ``tls_names`` no listener checks.
+        Also: ``listen`` on a loopback address, and no TLS files (which it would ignore)."""
+        server = self.server
+        if server.listen and not is_loopback_host(parse_listen(server.listen)[0]):
+            raise ValueError(
+                f"server.listen: {server.listen!r} is not a loopback address; insecure = true listens only on "
+                "127.0.0.1, ::1 or localhost (other hosts need TLS with client certificates)"
+            )
+        ignored = [f for f in ("tls_certificate", "tls_private_key", "client_ca") if getattr(server, f)]
+        if ignored:
+            raise ValueError(
+                f"server.{ignored[0]}: not used with insecure = true (plaintext); remove {', '.join(ignored)} "
+                "or set insecure = false"
+            )
+        for name, profile in self.profiles.items():
+            for field in ("issuer", "token_endpoint"):
+                url = getattr(profile, field)
+                if url is not None and not is_loopback_host(urlsplit(url).hostname):
+                    raise ValueError(
+                        f"profiles.{name}.{field}: {url!r} is not on a loopback address; with server.insecure = "
+                        "true the signer signs only for a local development issuer (use TLS with client "
+                        "certificates or a Unix socket for any other issuer)"
+                    )
+        if self.server.listen and self.callers and not self.server.insecure_caller:
+            raise ValueError(
+                "server.insecure_caller: required with insecure = true when [callers] are configured (else "
+                "plaintext requests would come from an implicit caller that may use every profile)"
+            )
+        for name, caller in self.callers.items():
+            if caller.tls_names and caller.unix_socket is None and name != self.server.insecure_caller:
+                raise ValueError(
+                    f"callers.{name}.tls_names: no TLS listener identifies this caller (insecure = true); "
+                    "give it a unix_socket, name it server.insecure_caller, or remove it"
+                )
 
 
 def _format_error(exc: ValidationError) -> str:

@@ -7,7 +7,11 @@ profile's token endpoint or lie under one of its API base URLs - scheme, host an
 equal; the path equal to the base path or continuing after ``/``. Dot-segments (also
 percent-encoded, or with ``;`` parameters as in ``..;x``), encoded slashes and backslashes
 are refused, so ``https://api.x.no.evil``, ``/api-admin`` and ``/api/..;/admin`` never
-match ``https://api.x.no/api``.
+match ``https://api.x.no/api``. A signer signs only clean paths (:func:`unclean_path`):
+also refused are invalid percent-encoding (``x%``, ``x%zz``), encoded bytes that are not
+UTF-8 (over-long forms such as ``%c0%ae``), encoded control characters (``%00``), an
+encoded ``;`` (``%3b``), and segments that Windows servers reduce to a dot-segment by
+dropping trailing dots and spaces (``...``, ``..%20``, ``.%20``).
 """
 
 from __future__ import annotations
@@ -15,7 +19,7 @@ from __future__ import annotations
 import ipaddress
 import re
 from dataclasses import dataclass
-from urllib.parse import urlsplit
+from urllib.parse import unquote_to_bytes, urlsplit
 
 from .errors import RequestError
 
@@ -23,10 +27,35 @@ MAX_HTU_LENGTH = 2048
 _DEFAULT_PORTS = {"http": 80, "https": 443}
 # RFC 3986 section 3.2.2/3.2.3: IP-literal (IPv6 only) or reg-name, then an optional port.
 _AUTHORITY_RE = re.compile(r"(\[[0-9A-Fa-f:.]+\]|(?:[A-Za-z0-9._~!$&'()*+,;=-]|%[0-9A-Fa-f]{2})+)(?::[0-9]*)?")
-#: A dot-segment, also percent-encoded, also with path parameters (``..;x``: Tomcat and
-#: other servlet containers strip ``;...`` and then resolve ``..``).
-_DOT_SEGMENT = re.compile(r"(^|/)(\.|%2e){1,2}(;[^/]*)?(/|$)", re.I)
 _ENCODED_SEPARATOR = re.compile(r"%(2f|5c|25)", re.I)  # encoded /, \ and % (double encoding)
+_PERCENT = re.compile(r"%(?![0-9A-Fa-f]{2})")  # a % not followed by two hex digits
+_ENCODED_UNCLEAN = re.compile(r"%(3b|[01][0-9a-f]|7f)", re.I)  # encoded ;, control characters
+
+
+def unclean_path(path: str) -> str | None:
+    """Why the (ASCII, canonical) ``path`` of an ``htu`` is not clean, or None when it is.
+
+    Refused: backslashes; invalid percent-encoding (a ``%`` without two hex digits after
+    it, RFC 3986 section 2.1); encoded ``/``, ``\\``, ``%`` (double encoding), ``;`` and
+    control characters (``%00``-``%1f``, ``%7f``); percent-encoded bytes that are not
+    valid UTF-8 (over-long ``%c0%ae``, RFC 3629 section 10); dot-segments (RFC 3986
+    section 3.3), also percent-encoded or with ``;`` parameters (``..;x``); and segments
+    that become one once trailing dots and spaces are dropped, as Windows/IIS does
+    (``...``, ``..%20``, ``.%20``).
+    """
+    if "\\" in path:
+        return "must not contain backslashes"
+    if _PERCENT.search(path):
+        return "has invalid percent-encoding (a % must be followed by two hex digits)"
+    if _ENCODED_SEPARATOR.search(path) or _ENCODED_UNCLEAN.search(path):
+        return "must not contain encoded slashes, backslashes, %, ; or control characters"
+    try:
+        segments = [unquote_to_bytes(s.partition(";")[0]).decode("utf-8") for s in path.split("/")]
+    except UnicodeDecodeError:
+        return "has percent-encoded bytes that are not UTF-8 (e.g. over-long forms such as %c0%ae)"
+    if any(segment and not segment.rstrip(". ") for segment in segments):
+        return "must not contain dot-segments (also encoded, with ;parameters, or with trailing dots or spaces)"
+    return None
 
 
 def canonical_htu(htu: str) -> str:
@@ -85,8 +114,8 @@ class UrlBase:
         if urlsplit(url).query or "#" in url:
             raise ValueError(f"{url!r}: a base URL has no query or fragment")
         parts = urlsplit(canonical)
-        if _DOT_SEGMENT.search(parts.path) or _ENCODED_SEPARATOR.search(parts.path):
-            raise ValueError(f"{url!r}: a base URL has no dot-segments or encoded slashes")
+        if reason := unclean_path(parts.path):
+            raise ValueError(f"{url!r}: a base URL's path {reason}")
         return cls(f"{parts.scheme}://{parts.netloc}", parts.path)
 
     def admits(self, origin: str, path: str) -> bool:
@@ -114,8 +143,8 @@ class HtuPolicy:
         (PERMISSION_DENIED otherwise). Returns the canonical ``htu``."""
         canonical = canonical_htu(htu)
         path = urlsplit(canonical).path
-        if "\\" in path or _DOT_SEGMENT.search(path) or _ENCODED_SEPARATOR.search(path):
-            raise RequestError("htu", "must not contain dot-segments, encoded slashes, encoded % or backslashes")
+        if reason := unclean_path(path):
+            raise RequestError("htu", reason)
         if canonical == self.token_endpoint:
             return canonical
         parts = urlsplit(canonical)

@@ -5,14 +5,23 @@ reload, and the ownership of caller sockets.
 
 Decisions (docs/security.md, "Who can call"): DNS and URI subjectAltNames identify a
 caller, the subject CN only when the certificate has no SAN; e-mail and IP SANs never
-do; a certificate whose names match two different callers identifies neither.
+do; each name is typed (``dns:``, ``uri:``, ``cn:``) and compared within its type; a
+certificate whose names match two different callers identifies neither. A caller
+socket is created race-free (:func:`create_caller_socket`) in a directory no other user
+can write (:func:`socket_directory_problem`).
 """
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import grp
+import hashlib
 import logging
+import os
 import pwd
+import stat
+import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
@@ -33,17 +42,37 @@ Identify = Callable[[grpc.aio.ServicerContext], Caller | None]
 
 
 def certificate_names(pem: bytes) -> tuple[str, ...]:
-    """The identities a client certificate carries, as callers are matched: its DNS and
-    URI subjectAltNames; only when it has no subjectAltName at all, its subject CN (RFC 6125
-    section 6.4.4 practice). E-mail and IP SANs never identify a caller."""
+    """The identities a client certificate carries, as callers are matched, each with its
+    type as in ``tls_names``: ``dns:`` + a DNS subjectAltName, ``uri:`` + a URI
+    subjectAltName; only when it has no subjectAltName at all, ``cn:`` + its subject CN
+    (RFC 6125 section 6.4.4 practice). E-mail and IP SANs never identify a caller. A name is
+    compared within its type only: a DNS SAN never matches a name meant as a URI or a CN."""
     cert = x509.load_pem_x509_certificate(pem)
     try:
         san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
     except x509.ExtensionNotFound:
         return tuple(
-            a.value for a in cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME) if isinstance(a.value, str)
+            "cn:" + a.value
+            for a in cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
+            if isinstance(a.value, str)
         )
-    return tuple(san.get_values_for_type(x509.DNSName)) + tuple(san.get_values_for_type(x509.UniformResourceIdentifier))
+    return tuple("dns:" + v for v in san.get_values_for_type(x509.DNSName)) + tuple(
+        "uri:" + v for v in san.get_values_for_type(x509.UniformResourceIdentifier)
+    )
+
+
+@functools.lru_cache(maxsize=1024)
+def _fingerprint(pem: bytes) -> str:
+    der = x509.load_pem_x509_certificate(pem).public_bytes(serialization.Encoding.DER)
+    return "sha256:" + hashlib.sha256(der).hexdigest()
+
+
+def certificate_fingerprint(context: grpc.aio.ServicerContext) -> str | None:
+    """``sha256:`` + the hex SHA-256 of the DER of the client certificate the request came
+    with (the audit record's ``certificate``, the form ``openssl x509 -fingerprint -sha256``
+    prints without colons); None without one (a Unix socket, the insecure listener)."""
+    pem = (context.auth_context().get("x509_pem_cert") or [b""])[0]
+    return _fingerprint(pem) if pem else None
 
 
 def tls_identifier(holder: RuntimeHolder) -> Identify:
@@ -91,6 +120,56 @@ def named_identifier(holder: RuntimeHolder, name: str) -> Identify:
     """Every request on this listener is the caller ``name`` (a Unix socket, or the
     insecure development listener); looked up per request so a reload takes effect."""
     return lambda context: holder.runtime.callers.get(name)
+
+
+def socket_directory_problem(path: str) -> str | None:
+    """Why the folder of a caller socket at ``path`` is unsafe, or None when it is safe.
+
+    Safe: a directory owned by the service's user or root that no one else can write - or,
+    if others can write it, with the sticky bit (as ``/tmp``), so no one else can remove or
+    rename the socket. Otherwise another user could replace the socket (or a symlink in its
+    place) between its creation and its ``chmod``, or afterwards, and receive the caller's
+    requests (docs/security.md, "Who can call"). OSError if the folder cannot be read.
+    """
+    folder = os.path.dirname(os.path.abspath(path))
+    info = os.stat(folder)
+    if not stat.S_ISDIR(info.st_mode):
+        return f"{folder} is not a directory"
+    if info.st_uid not in (os.geteuid(), 0):
+        return f"its directory {folder} belongs to uid {info.st_uid}, neither the service's user nor root"
+    if info.st_mode & 0o022 and not info.st_mode & stat.S_ISVTX:
+        return (
+            f"its directory {folder} (mode {stat.S_IMODE(info.st_mode):#o}) is writable by other users and not "
+            "sticky: they could replace the socket; use a directory only the service can write"
+        )
+    return None
+
+
+def create_caller_socket(path: str, mode: int, uid: int, gid: int, bind: Callable[[str], int]) -> None:
+    """Create a caller's Unix socket at ``path`` with ``mode`` and owner ``uid``/``gid``
+    (-1: unchanged) without a window for a symlink or socket swap.
+
+    ``bind(temporary_path)`` binds the socket (returns 0 on failure). It is bound in a new
+    private directory (``mkdtemp``: mode 0700, the service's own) beside ``path``, gets its
+    owner and mode there, where no one else can reach it, and is then renamed into place
+    (``rename`` is atomic and never follows a symlink at ``path``; it replaces a stale
+    socket of an earlier run). Raises OSError; ValueError when ``path`` exists and is not a
+    socket, or the bind failed."""
+    if os.path.lexists(path) and not stat.S_ISSOCK(os.lstat(path).st_mode):
+        raise ValueError(f"{path} exists and is not a socket")
+    private = tempfile.mkdtemp(prefix=".sock-", dir=os.path.dirname(os.path.abspath(path)))
+    temporary = os.path.join(private, "s")
+    try:
+        if not bind(temporary):
+            raise ValueError(f"cannot bind a Unix socket beside {path}")
+        if uid != -1 or gid != -1:
+            os.chown(temporary, uid, gid)
+        os.chmod(temporary, mode)
+        os.rename(temporary, path)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(temporary)
+        os.rmdir(private)
 
 
 def owner_ids(owner: str | int | None, group: str | int | None) -> tuple[int, int]:

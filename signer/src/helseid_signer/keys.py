@@ -24,6 +24,7 @@ from .backends.base import (
     KeyNotFoundError,
     OwnSigningThread,
     ResolvedKey,
+    VersionTracker,
     backend_class,
     scheme_of,
 )
@@ -71,6 +72,14 @@ class SigningKey:
     def published_jwk(self) -> dict[str, str]:
         """The JWK to register in HelseID: public members, ``kid``, ``alg``, ``use: sig``."""
         return dict(self.jwk, kid=self.kid, alg=self.alg.name, use="sig")
+
+    @property
+    def version(self) -> str:
+        """The exact key version that signs now (audit ``key_version``, GetKeySet): the
+        backend's :class:`~.backends.base.VersionTracker` answer, else the pinned one."""
+        if isinstance(self.backend, VersionTracker):
+            return self.backend.current_version(self.resolved)
+        return self.resolved.version
 
     def sign(self, signing_input: bytes, deadline: float | None = None) -> bytes:
         """Sign with this key's backend and alg, within ``deadline`` (``time.monotonic()``

@@ -44,6 +44,9 @@ class _JsonFormatter(logging.Formatter):
         source = getattr(record, "native_source", None)
         if source:
             entry["source"] = source
+        anchor = getattr(record, "audit_chain", None)  # audit.AuditLog's chain anchors
+        if anchor is not None:
+            entry["audit_chain"] = anchor
         if record.exc_info:
             entry["exception"] = self.formatException(record.exc_info)
         return json.dumps(entry)

@@ -15,7 +15,6 @@ import contextlib
 import logging
 import os
 import signal
-import stat
 import threading
 import time
 from collections.abc import Callable
@@ -40,7 +39,16 @@ from .config import (
     parse_listen,
 )
 from .drain import CallTracker, drain_and_stop
-from .identity import Identify, TlsFiles, certificate_expiry, named_identifier, owner_ids, tls_identifier
+from .identity import (
+    Identify,
+    TlsFiles,
+    certificate_expiry,
+    create_caller_socket,
+    named_identifier,
+    owner_ids,
+    socket_directory_problem,
+    tls_identifier,
+)
 from .rotation import days_to_expiry
 from .runtime import IMPLICIT_INSECURE_CALLER, Runtime, RuntimeHolder, Snapshot, build_runtime
 from .service import SignerServicer, add_to_server
@@ -163,22 +171,24 @@ class Server:
             if c.unix_socket is None:
                 continue
             path = c.unix_socket.path
-            if os.path.lexists(path) and stat.S_ISSOCK(os.lstat(path).st_mode):
-                os.unlink(path)  # a stale socket of an earlier run
-            old_umask = os.umask(0o177)  # the socket exists 0600 until it gets its final mode
+            grpc_server = self._new_grpc_server(named_identifier(self.holder, name))
             try:
-                self._new_grpc_server(named_identifier(self.holder, name)).add_insecure_port(f"unix:{path}")
-            finally:
-                os.umask(old_umask)
+                if problem := socket_directory_problem(path):
+                    raise ValueError(problem)
+                uid, gid = owner_ids(c.unix_socket.owner, c.unix_socket.group)
+                old_umask = os.umask(0o177)  # the socket exists 0600 until it gets its final mode
+                try:
+                    create_caller_socket(
+                        path, c.unix_socket.mode, uid, gid, lambda p, s=grpc_server: s.add_insecure_port(f"unix:{p}")
+                    )
+                finally:
+                    os.umask(old_umask)
+            except (OSError, ValueError, KeyError, RuntimeError) as exc:
+                raise ConfigError(f"callers.{name}.unix_socket.path: {exc}") from None
             self.sockets.append((path, c.unix_socket))
             self.addresses.append(f"unix:{path}")
         for server in self.servers:
             await server.start()
-        for path, sock in self.sockets:
-            uid, gid = owner_ids(sock.owner, sock.group)
-            if uid != -1 or gid != -1:
-                os.chown(path, uid, gid)
-            os.chmod(path, sock.mode)
         await self.check_health()
         log.info(
             "serving %s on %s with %d profile(s)",

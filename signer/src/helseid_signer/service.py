@@ -38,7 +38,7 @@ from .backends.base import BackendError
 from .claims import check_profile_name
 from .drain import CallTracker
 from .errors import RequestError, refusal
-from .identity import Identify
+from .identity import Identify, certificate_fingerprint
 from .policy import check_caller_may_use
 from .runtime import ServiceState, Snapshot
 from .signing import Profile, Signable
@@ -128,6 +128,8 @@ class SignerServicer:
         try:
             caller = self._identify(context)
             record["caller"] = caller.name if caller else None
+            if certificate := certificate_fingerprint(context):  # which certificate, not only whose name
+                record["certificate"] = certificate
             if isinstance(request, MalformedRequest):
                 raise RequestError(
                     "request",
@@ -260,7 +262,7 @@ class SignerServicer:
                 pb.PublishedKey(
                     kid=entry.key.kid,
                     alg=entry.key.alg.name,
-                    key_version=entry.key.resolved.version,
+                    key_version=entry.key.version,
                     status=pb.KeyStatus.Value(f"KEY_STATUS_{entry.status}"),
                     active_from=int(entry.active_from),
                     published_until=int(entry.published_until),

@@ -105,7 +105,7 @@ class Signable:
 
 
 def _signable(key: SigningKey, header_b64: str, claims: dict[str, Any], **extra: Any) -> Signable:
-    facts = {"kid": key.kid, "alg": key.alg.name, "backend": key.backend.scheme, "key_version": key.resolved.version}
+    facts = {"kid": key.kid, "alg": key.alg.name, "backend": key.backend.scheme, "key_version": key.version}
     facts["jti"] = claims["jti"]
     if "exp" in claims:
         facts["exp"] = claims["exp"]
@@ -178,6 +178,7 @@ def sign(signable: Signable, deadline: float | None = None) -> str:
     started = time.perf_counter()
     signature = signable.key.sign(signable.signing_input, deadline)
     _observe(signable.key, started)
+    signable.signed_facts["key_version"] = signable.key.version  # what signed (recovery may have moved it)
     return compact(signable.signing_input, signature)
 
 
@@ -189,6 +190,7 @@ def sign_now(signable: Signable) -> str | None:
     if signature is None:
         return None
     _observe(signable.key, started)
+    signable.signed_facts["key_version"] = signable.key.version
     return compact(signable.signing_input, signature)
 
 

@@ -611,13 +611,14 @@ class AwsKmsBackend:
 
     # -- KeyCreator -----------------------------------------------------------------------
 
-    def create_key(self, uri: str, key_spec: str) -> ResolvedKey:
+    def create_key(self, uri: str, key_spec: str, alg: Algorithm | None = None) -> ResolvedKey:
         """Create a non-exportable ``SIGN_VERIFY`` key (Origin AWS_KMS) of ``key_spec``
         (RSA-2048/3072/4096, EC-P256/P384/P521).
 
         ``uri``: ``awskms:alias/NAME`` also creates that alias (refused before the key is
         made if the alias exists); ``awskms:`` alone creates a key without alias. Returns
         the new key resolved, with ``uri`` the alias reference or ``awskms:<key ARN>``.
+        ``alg`` is not used: KMS signs only with its key spec's signing algorithms.
         """
         if key_spec not in KEY_SPECS:
             raise BackendConfigError(f"key spec {key_spec!r} is not one of {', '.join(KEY_SPECS)}")

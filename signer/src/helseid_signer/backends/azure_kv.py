@@ -677,11 +677,12 @@ class AzureKvBackend:
 
     # -- KeyCreator -----------------------------------------------------------------
 
-    def create_key(self, uri: str, key_spec: str) -> ResolvedKey:
+    def create_key(self, uri: str, key_spec: str, alg: Algorithm | None = None) -> ResolvedKey:
         """Create a non-exportable key (key_ops sign and verify only) named by the
         versionless ``uri``. ``key_spec``: RSA-2048/3072/4096 or EC-P256/P384/P521; an HSM
         key type (RSA-HSM/EC-HSM) with ``hsm_keys = true`` or in a Managed HSM. Refuses a
-        name that exists (creating again would add a version to that key)."""
+        name that exists (creating again would add a version to that key). ``alg`` is not
+        used: key_ops sign/verify already keep the key to signing."""
         if key_spec not in KEY_SPECS:
             raise BackendConfigError(f"key spec {key_spec!r} is not one of {', '.join(KEY_SPECS)}")
         ref = self.parse(uri)

@@ -134,9 +134,23 @@ class KeyBackend(Protocol):
 class KeyCreator(Protocol):
     """Optional: create a non-exportable signing key."""
 
-    def create_key(self, uri: str, key_spec: str) -> ResolvedKey:
+    def create_key(self, uri: str, key_spec: str, alg: Algorithm | None = None) -> ResolvedKey:
         """Create a key at ``uri``; ``key_spec`` is ``RSA-2048``/``RSA-3072``/``RSA-4096``
-        or ``EC-P256``/``EC-P384``/``EC-P521``. Raises BackendError subclasses."""
+        or ``EC-P256``/``EC-P384``/``EC-P521``; ``alg``, when given, the one JWS algorithm
+        the key will sign with (a backend that can restricts the key to it). Raises
+        BackendError subclasses."""
+        ...
+
+
+@runtime_checkable
+class VersionTracker(Protocol):
+    """Optional: the key version that signs NOW, when the backend may find the same key
+    again somewhere else (PKCS#11: after a token is deleted and re-created with the same
+    key, recovery finds it under a new token serial). ``ResolvedKey.version`` stays what
+    was pinned at resolve; audit records and GetKeySet report this one."""
+
+    def current_version(self, key: ResolvedKey) -> str:
+        """The version of ``key`` that signs now (no backend call)."""
         ...
 
 

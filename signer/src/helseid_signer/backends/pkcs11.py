@@ -41,6 +41,7 @@ import logging
 import os
 import re
 import secrets
+import struct
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -54,12 +55,13 @@ from asn1crypto.core import ObjectIdentifier, OctetString
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from pkcs11 import MGF, Attribute, KeyType, Mechanism, ObjectClass
+from pkcs11.attributes import AttributeMapper
 from pkcs11.exceptions import PKCS11Error
 from pkcs11.util.ec import encode_named_curve_parameters
 from pydantic import model_validator
 
 from .. import metrics
-from ..algorithms import ALGORITHMS, CURVES, CURVES_BY_OID, Algorithm, Padding, PublicKey
+from ..algorithms import ALGORITHMS, CURVES, CURVES_BY_OID, Algorithm, AlgorithmError, Padding, PublicKey
 from ..settings_types import BackendSettings, Bool, ConfigPath
 from .base import (
     KEY_SPECS,
@@ -87,6 +89,27 @@ _PSS_PARAMS = {
     "sha384": (Mechanism.SHA384, MGF.SHA384, 48),
     "sha512": (Mechanism.SHA512, MGF.SHA512, 64),
 }
+_ULONG = struct.Struct("L")  # CK_ULONG in the platform's C layout (what Cryptoki reads)
+#: python-pkcs11 has no handler for CKA_ALLOWED_MECHANISMS (an array of CK_MECHANISM_TYPE).
+_MAPPER = AttributeMapper()
+_MAPPER.register_handler(
+    Attribute.ALLOWED_MECHANISMS,
+    lambda mechanisms: b"".join(_ULONG.pack(int(m)) for m in mechanisms),
+    lambda value: tuple(m for (m,) in _ULONG.iter_unpack(value)),
+)
+
+
+def signing_mechanisms(key_type: str, alg: Algorithm | None = None) -> tuple[int, ...]:
+    """The mechanisms this backend signs with (``_mechanism_input``): CKM_ECDSA for an EC
+    key; for RSA the one hash-in-token mechanism of ``alg`` (CKM_SHA*_RSA_PKCS[_PSS]), or
+    all six when no ``alg`` is given. Never a raw one (CKM_RSA_X_509, CKM_RSA_PKCS)."""
+    if key_type == "EC":
+        return (int(Mechanism.ECDSA),)
+    if alg is not None:
+        return (int(_RSA_MECHANISMS[(alg.hash_name, alg.padding)]),)
+    return tuple(int(m) for m in _RSA_MECHANISMS.values())
+
+
 log = logging.getLogger("helseid_signer.backends.pkcs11")
 _CURVE_NAMES = {"P-256": "secp256r1", "P-384": "secp384r1", "P-521": "secp521r1"}
 
@@ -216,9 +239,13 @@ PKCS11_SIGN_ALLOWANCE = 0.1  # seconds a recovery and a signature take at most, 
 _SPKI = (serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
 
 
-def probe_algorithm(public_key: PublicKey) -> Algorithm:
-    """An algorithm any key of this type can sign with: RS256 for RSA, ES* by curve."""
+def probe_algorithm(public_key: PublicKey, allowed: tuple[int, ...] | None = None) -> Algorithm:
+    """An algorithm the key can sign with: ES* by curve; for RSA RS256, or the first RSA
+    algorithm whose mechanism the key's CKA_ALLOWED_MECHANISMS lists."""
     if isinstance(public_key, rsa.RSAPublicKey):
+        for alg in ALGORITHMS.values():
+            if alg.kty.value == "RSA" and allowed and signing_mechanisms("RSA", alg)[0] in allowed:
+                return alg
         return ALGORITHMS["RS256"]
     return next(a for a in ALGORITHMS.values() if a.curve and isinstance(public_key.curve, a.curve.crypto))
 
@@ -228,24 +255,71 @@ _CUSTODY_RULES = (
     ("sensitive", False, "is not sensitive (CKA_SENSITIVE false)"),
     ("never_extractable", False, "was extractable at some time (CKA_NEVER_EXTRACTABLE false: imported or exported)"),
     ("always_sensitive", False, "was not always sensitive (CKA_ALWAYS_SENSITIVE false)"),
+    ("sign_recover", True, "signs with recovery (CKA_SIGN_RECOVER true: raw RSA with the PIN)"),
+    ("decrypt", True, "decrypts (CKA_DECRYPT true)"),
+    ("unwrap", True, "unwraps (CKA_UNWRAP true)"),
+    ("derive", True, "derives (CKA_DERIVE true)"),
+    ("modifiable", True, "is modifiable (CKA_MODIFIABLE true: its attributes can be loosened)"),
+    ("copyable", True, "is copyable (CKA_COPYABLE true: C_CopyObject can make a looser copy)"),
 )
+_CUSTODY_ATTRIBUTES = {
+    "extractable": Attribute.EXTRACTABLE,
+    "sensitive": Attribute.SENSITIVE,
+    "never_extractable": Attribute.NEVER_EXTRACTABLE,
+    "always_sensitive": Attribute.ALWAYS_SENSITIVE,
+    "sign_recover": Attribute.SIGN_RECOVER,
+    "decrypt": Attribute.DECRYPT,
+    "unwrap": Attribute.UNWRAP,
+    "derive": Attribute.DERIVE,
+    "modifiable": Attribute.MODIFIABLE,
+    "copyable": Attribute.COPYABLE,
+}
+
+
+def _allowed_mechanisms(private: Any) -> tuple[int, ...] | None:
+    """The private key's CKA_ALLOWED_MECHANISMS; None when the token does not report it,
+    () when the list is empty (PKCS#11 3.0 section 4.7: empty means any mechanism)."""
+    try:
+        return tuple(private[Attribute.ALLOWED_MECHANISMS])
+    except (PKCS11Error, KeyError, NotImplementedError, struct.error):
+        return None
+
+
+def _mechanism_name(mechanism: int) -> str:
+    try:
+        return "CKM_" + Mechanism(mechanism).name
+    except ValueError:  # a vendor mechanism python-pkcs11 has no name for
+        return hex(mechanism)
+
+
+def _mechanism_warning(key_type: str, allowed: tuple[int, ...] | None) -> str | None:
+    """Why the key's CKA_ALLOWED_MECHANISMS does not restrict it to signing mechanisms."""
+    if not allowed:
+        return "has no CKA_ALLOWED_MECHANISMS (any mechanism the token offers, raw RSA included, with the PIN)"
+    extra = sorted(set(allowed) - set(signing_mechanisms(key_type)))
+    if extra:
+        names = ", ".join(_mechanism_name(m) for m in extra)
+        return f"allows mechanisms the signer never uses (CKA_ALLOWED_MECHANISMS: {names})"
+    return None
 
 
 def _custody_flags(private: Any) -> dict[str, bool | None]:
-    """CKA_EXTRACTABLE / CKA_SENSITIVE / CKA_NEVER_EXTRACTABLE / CKA_ALWAYS_SENSITIVE of a
-    private key object; None for an attribute the token does not report."""
+    """The private key object's custody attributes (``_CUSTODY_ATTRIBUTES``: extractable,
+    sensitive, ..., sign-recover, modifiable, copyable); None for one the token does not report."""
     flags: dict[str, bool | None] = {}
-    for name, attribute in (
-        ("extractable", Attribute.EXTRACTABLE),
-        ("sensitive", Attribute.SENSITIVE),
-        ("never_extractable", Attribute.NEVER_EXTRACTABLE),
-        ("always_sensitive", Attribute.ALWAYS_SENSITIVE),
-    ):
+    for name, attribute in _CUSTODY_ATTRIBUTES.items():
         try:
             flags[name] = bool(private[attribute])
         except (PKCS11Error, KeyError, NotImplementedError):
             flags[name] = None
     return flags
+
+
+def _key_version(session: Any, private: Any) -> str:
+    """``serial=<token serial>;id=<CKA_ID hex>``: the exact key version (audit ``key_version``)."""
+    serial = session.token.serial
+    serial = serial.decode() if isinstance(serial, bytes) else serial
+    return f"serial={serial.strip()};id={_attr_bytes(private, Attribute.ID).hex()}"
 
 
 class _Stale(Exception):
@@ -279,6 +353,8 @@ class _KeyHandle:
     private: Any
     error: str | None = None
     custody: dict[str, bool | None] = field(default_factory=dict)
+    allowed_mechanisms: tuple[int, ...] | None = None  # CKA_ALLOWED_MECHANISMS as read at resolve
+    version: str = ""  # serial=<token serial>;id=<CKA_ID hex> of the object that signs now
     replaced: bool = False  # the object now holds another public key (only the probe re-checks)
 
 
@@ -417,11 +493,11 @@ class Pkcs11Backend:
                 ) from None
             pin = self._read_pin(uri)
             try:
-                session = token.open(user_pin=pin, rw=True)
+                session = token.open(user_pin=pin, rw=True, attribute_mapper=_MAPPER)
             except pkcs11.PinIncorrect:
                 raise BackendConfigError(f"the PKCS#11 PIN for token {uri.token!r} is incorrect") from None
             except pkcs11.UserAlreadyLoggedIn:  # login state is per token: fine
-                session = token.open(rw=True)
+                session = token.open(rw=True, attribute_mapper=_MAPPER)
             self._sessions[key] = session
             metrics.PKCS11_SESSIONS.labels(self.module_path).set(len(self._sessions))
         return session
@@ -438,15 +514,14 @@ class Pkcs11Backend:
                 private = self._find_one(session, parsed, ObjectClass.PRIVATE_KEY, uri)
                 public = self._find_one(session, parsed, ObjectClass.PUBLIC_KEY, uri)
                 public_key = self._public_key(public)
-                object_id = _attr_bytes(private, Attribute.ID)
                 custody = _custody_flags(private)
-                serial = (
-                    session.token.serial.decode() if isinstance(session.token.serial, bytes) else session.token.serial
-                )
+                allowed = _allowed_mechanisms(private)
+                version = _key_version(session, private)
             except PKCS11Error as exc:
                 raise BackendUnavailableError(f"PKCS#11 error resolving {uri!r}: {type(exc).__name__}") from exc
-        version = f"serial={serial.strip()};id={object_id.hex()}"
-        handle = _KeyHandle(uri, parsed, public_key, private, custody=custody)
+        handle = _KeyHandle(
+            uri, parsed, public_key, private, custody=custody, allowed_mechanisms=allowed, version=version
+        )
         with self._lock:
             self._handles.append(handle)
         return ResolvedKey(uri=uri, version=version, public_key=public_key, handle=handle)
@@ -455,7 +530,29 @@ class Pkcs11Backend:
         """:class:`~.base.CustodyReporter`: the private key object's flags as read at resolve."""
         flags = key.handle.custody
         problems = [text for attribute, bad, text in _CUSTODY_RULES if flags.get(attribute) is bad]
+        key_type = "RSA" if isinstance(key.public_key, rsa.RSAPublicKey) else "EC"
+        mechanisms = _mechanism_warning(key_type, key.handle.allowed_mechanisms)
+        if mechanisms:
+            problems.append(mechanisms)
         return None if not problems else "private key " + "; ".join(problems)
+
+    def current_version(self, key: ResolvedKey) -> str:
+        """:class:`~.base.VersionTracker`: the token serial and CKA_ID of the object that
+        signs now - after a token was re-created with the same key, the new token's serial."""
+        return key.handle.version or key.version
+
+    def check_alg(self, key: ResolvedKey, alg: Algorithm) -> None:
+        """:class:`~.base.AlgChecker`: a key restricted by CKA_ALLOWED_MECHANISMS must allow
+        ``alg``'s mechanism (read at resolve; no Cryptoki call). Raises AlgorithmError."""
+        allowed = key.handle.allowed_mechanisms
+        if not allowed or alg.kty.value not in ("RSA", "EC"):
+            return
+        mechanism = signing_mechanisms(alg.kty.value, alg)[0]
+        if mechanism not in allowed:
+            raise AlgorithmError(
+                f"alg {alg.name} signs with {_mechanism_name(mechanism)}, which the key's CKA_ALLOWED_MECHANISMS "
+                "does not list"
+            )
 
     def _check_module(self, parsed: Pkcs11Uri) -> None:
         if parsed.module_path and os.path.realpath(parsed.module_path) != self.module_path:
@@ -595,6 +692,16 @@ class Pkcs11Backend:
                     recovered = False
                     continue
                 handle.private, handle.error, handle.replaced = private, None, False
+                version = _key_version(session, private)
+                if version != handle.version:
+                    log.warning(
+                        "PKCS#11 key %s found again under key version %s (was %s): the same public key, "
+                        "another token or object",
+                        handle.uri,
+                        version,
+                        handle.version,
+                    )
+                    handle.version = version
             except (PKCS11Error, BackendError) as exc:
                 handle.private, handle.error = None, f"{type(exc).__name__}: {exc}"
                 recovered = False
@@ -603,7 +710,7 @@ class Pkcs11Backend:
     def probe(self) -> bool:
         """Health probe: sign a fixed input with each resolved key (recovering if needed)."""
         for handle in list(self._handles):
-            alg = probe_algorithm(handle.public_key)
+            alg = probe_algorithm(handle.public_key, handle.allowed_mechanisms)
             resolved = ResolvedKey(handle.uri, "", handle.public_key, handle)
             try:
                 self._sign(resolved, alg, b"helseid-signer health probe", None, probing=True)
@@ -621,9 +728,13 @@ class Pkcs11Backend:
 
     # -- KeyCreator -----------------------------------------------------------------
 
-    def create_key(self, uri: str, key_spec: str) -> ResolvedKey:
-        """Generate a non-exportable key pair (CKA_SENSITIVE, not CKA_EXTRACTABLE, CKA_SIGN
-        only) in the token ``uri`` names, labelled with its ``object=``.
+    def create_key(self, uri: str, key_spec: str, alg: Algorithm | None = None) -> ResolvedKey:
+        """Generate a non-exportable key pair in the token ``uri`` names, labelled with its
+        ``object=``, restricted to signing: CKA_SENSITIVE, not CKA_EXTRACTABLE, CKA_SIGN only
+        (CKA_SIGN_RECOVER, CKA_DECRYPT, CKA_UNWRAP, CKA_DERIVE false), not CKA_MODIFIABLE or
+        CKA_COPYABLE, and CKA_ALLOWED_MECHANISMS = :func:`signing_mechanisms` (``alg``'s one
+        mechanism; the hashed RSA ones when no ``alg`` is given) - so the PIN alone never
+        gets a raw RSA operation (CKM_RSA_X_509) from the key (docs/security.md, "Key custody").
 
         ``key_spec``: RSA-2048/3072/4096 (public exponent 65537) or EC-P256/P384/P521.
         The CKA_ID is 16 random bytes unless the URI gives ``id=``. Raises
@@ -642,15 +753,21 @@ class Pkcs11Backend:
             Attribute.SENSITIVE: True,
             Attribute.EXTRACTABLE: False,
             Attribute.SIGN: True,
+            Attribute.SIGN_RECOVER: False,
             Attribute.DECRYPT: False,
             Attribute.UNWRAP: False,
             Attribute.DERIVE: False,
+            Attribute.MODIFIABLE: False,
+            Attribute.COPYABLE: False,
+            Attribute.ALLOWED_MECHANISMS: signing_mechanisms(key_spec.partition("-")[0], alg),
         }
         public_template = {
             Attribute.TOKEN: True,
             Attribute.VERIFY: True,
+            Attribute.VERIFY_RECOVER: False,
             Attribute.ENCRYPT: False,
             Attribute.WRAP: False,
+            Attribute.MODIFIABLE: False,
         }
         with self._lock:
             try:
