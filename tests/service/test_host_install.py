@@ -101,7 +101,8 @@ def make_config(kit, name: str, *, extra: tuple[str, ...] = (), **paths: str) ->
         extra_lines=(
             "[audit]", 'sink = "file"', f'path = "{files["audit"]}"', "",
             "[metrics]", f'listen = "127.0.0.1:{metrics_port}"', "",
-            "[callers.app]", 'tls_names = ["dns:app.example"]', 'profiles = ["p"]', "rate_limit = 1", "rate_burst = 1", "",
+            "[callers.app]", 'tls_names = ["dns:app.example"]', 'profiles = ["p"]',
+            "rate_limit = 1", "rate_burst = 1", "",
             "[callers.local]", 'profiles = ["p"]',
             f'unix_socket = {{ path = "{files["socket"]}", mode = 0o600{files.get("socket_group", "")} }}', "",
             *extra,
