@@ -77,7 +77,7 @@ def build_callers(settings: Settings) -> dict[str, Caller]:
         limiter = None
         if c.rate_limit is not None:
             limiter = RateLimiter(c.rate_limit, c.rate_burst or max(1, int(c.rate_limit)))
-        callers[name] = Caller(name, frozenset(c.profiles), limiter)
+        callers[name] = Caller(name, frozenset(c.profiles), limiter, c.max_in_flight)
     return callers
 
 
