@@ -50,9 +50,14 @@ class RateLimiter:
 
 
 #: Requests one caller may have running at once (per worker process) unless its
-#: ``max_in_flight`` says otherwise: far above what one application's token flows need, far
-#: below what would let one caller hold a worker's signing capacity.
-DEFAULT_MAX_IN_FLIGHT = 32
+#: ``max_in_flight`` says otherwise: far above what one application's token flows need
+#: (a token request needs two signatures), and a bound on how much of a worker's signing
+#: queue one caller can fill. The implicit caller of a plaintext development listener
+#: has no such bound.
+DEFAULT_MAX_IN_FLIGHT = 64
+#: ``max_in_flight`` of the implicit development caller (``server.insecure`` without
+#: ``insecure_caller``): in effect none.
+UNBOUNDED_IN_FLIGHT = 1_000_000
 
 
 @dataclass(frozen=True)
