@@ -11,6 +11,9 @@ It starts what it needs (``benchmarks/world.py``), then measures at each concurr
    ``SignDpopProof`` (ES256, with ``ath`` and ``nonce``);
 4. the token flow against the local authorization server, and one DPoP-protected API call
    with a cached token, each through the service and with an in-process key (baseline);
+5. noisy neighbours (``benchmarks/neighbour.py``, ids ``neighbour/...``): a victim caller's
+   assertions at 1 and 8 in flight on a second signer with mTLS, alone and beside a caller
+   flooding over its rate limit and an unlisted certificate opening Health.Watch streams;
 
 then checks correctness (``clients`` x ``per-client`` signatures, every one verified), prints
 the table with each ratio to its baseline and the issue's targets, and writes it all as JSON.
@@ -36,7 +39,7 @@ from typing import Any
 
 import grpc
 
-from . import loadgen, procstat, world
+from . import loadgen, neighbour, procstat, world
 from .raw import RawPool
 from .stats import composed_limit, summarize
 
@@ -48,6 +51,10 @@ P50_SLACK_MS = 0.3
 API_EXTRA_P50_MS = 1.5
 RSS_PER_PROCESS_MB = 150
 RSS_GROWTH_MB = 5
+#: issue 13 targets: the victim beside noisy neighbours, against the same cell without them
+NEIGHBOUR_THROUGHPUT_SHARE = 0.80
+NEIGHBOUR_P50_FACTOR = 2.0
+NEIGHBOUR_CONCURRENCY = (1, 8)
 
 
 def say(*args: Any) -> None:
@@ -296,6 +303,33 @@ class Bench:
                         signer=signer,
                     )
 
+    def neighbour_cells(self) -> None:
+        """The noisy-neighbour cells (``benchmarks/neighbour.py``): the victim alone, then
+        beside a flooding caller and an unlisted certificate, at 1 and 8 in flight."""
+        ids = [f"neighbour/{mode}/c{c}" for c in NEIGHBOUR_CONCURRENCY for mode in ("quiet", "noisy")]
+        if not any(self.wanted(i) for i in ids):
+            return
+        say("  noisy neighbours: a second signer with mTLS, a victim, a flooder, an unlisted certificate ...")
+        with neighbour.neighbours(self.w, self.args.workers) as n:
+            for c in NEIGHBOUR_CONCURRENCY:
+                for noisy in (False, True):  # both, always: the quiet cell is the noisy one's baseline
+                    rid = f"neighbour/{'noisy' if noisy else 'quiet'}/c{c}"
+                    if self.args.quiet_wait:
+                        self.wait_quiet()
+                    handle, t_start, t_end = neighbour.run_cell(n, c, noisy, self.args.warmup, self.args.duration)
+                    watch = self._watch(t_start, t_end, n.pids)
+                    results = neighbour.collect(handle)
+                    what = "victim assertions, noisy neighbours" if noisy else "victim assertions, alone"
+                    row = {"id": rid, "group": "neighbour", "what": what, "alg": "RS256", "concurrency": c}
+                    row = self._record(row, results["victim"], watch)
+                    if noisy:
+                        row["neighbours"] = {"flooder": results["flooder"]["codes"], **results["watcher"]}
+                        watcher = results["watcher"]
+                        self.notes.append(
+                            f"{rid}: flooder answers {results['flooder']['codes']}; unlisted Health.Watch "
+                            f"{watcher['watch_opened']} opened, {watcher['watch_refused']} refused"
+                        )
+
     def correctness(self) -> dict:
         say(f"  correctness: {self.args.clients} clients x {self.args.per_client} signatures ...")
         self.gen_conn.send({"op": "correctness", "clients": self.args.clients, "per_client": self.args.per_client})
@@ -387,6 +421,10 @@ def add_baselines(rows: list[dict]) -> None:
             base = _find(rows, f"grpc/health/c{c}")
             if base:
                 r["baseline"] = {"name": "gRPC ceiling", "throughput": base["throughput"], "p50_ms": base["p50_ms"]}
+        elif r["group"] == "neighbour" and "/noisy/" in r["id"]:
+            base = _find(rows, r["id"].replace("/noisy/", "/quiet/"))
+            if base:
+                r["baseline"] = {"name": "victim alone", "throughput": base["throughput"], "p50_ms": base["p50_ms"]}
         elif r["group"] == "flow_service":
             base = _find(rows, r["id"].replace("/service/", "/inproc/"))
             if base:
@@ -434,6 +472,31 @@ def evaluate_targets(rows: list[dict], soak: dict | None) -> list[dict]:
                     "ok": r["p50_extra_ms"] <= API_EXTRA_P50_MS,
                     "scope": "issue" if r["concurrency"] == 1 else "info",
                     "text": f"+{r['p50_extra_ms']:.3f} ms ({r['p50_ms']:.3f} vs {r['baseline']['p50_ms']:.3f} ms)",
+                }
+            )
+    for r in rows:
+        if r["group"] == "neighbour" and "baseline" in r:
+            b = r["baseline"]
+            out.append(
+                {
+                    "target": f"victim beside noisy neighbours @{r['concurrency']}: "
+                    f">= {NEIGHBOUR_THROUGHPUT_SHARE:.0%} of its throughput alone",
+                    "measured": r["throughput"],
+                    "limit": NEIGHBOUR_THROUGHPUT_SHARE * b["throughput"],
+                    "ok": r["ratio"] >= NEIGHBOUR_THROUGHPUT_SHARE,
+                    "text": f"{r['throughput']:,.0f}/s = {r['ratio']:.0%} of {b['throughput']:,.0f}/s",
+                }
+            )
+            out.append(
+                {
+                    "target": f"victim beside noisy neighbours @{r['concurrency']}: "
+                    f"p50 <= {NEIGHBOUR_P50_FACTOR:g}x its p50 alone",
+                    "measured": r["p50_ms"],
+                    "limit": NEIGHBOUR_P50_FACTOR * b["p50_ms"],
+                    "ok": r["p50_ms"] <= NEIGHBOUR_P50_FACTOR * b["p50_ms"],
+                    "text": f"{r['p50_ms']:.2f} ms vs {b['p50_ms']:.2f} ms alone ({r['p50_ms'] / b['p50_ms']:.2f}x)"
+                    if b["p50_ms"]
+                    else "-",
                 }
             )
     gen_rows = [r for r in rows if r["group"] not in ("raw",)]
@@ -527,7 +590,7 @@ def table(meta: dict, rows: list[dict], targets: list[dict], correctness: dict |
             f"soak: {soak['seconds']:.0f} s at 64 in flight, {soak['throughput']:,.0f}/s; RSS per process at "
             f"{soak['early_at_s']:.0f} s {soak['rss_early_mb']} -> at {soak['late_at_s']:.0f} s {soak['rss_late_mb']}"
         ]
-    lines += ["", "targets (issue 7):"]
+    lines += ["", "targets (issue 7; noisy neighbours: issue 13):"]
     for t in targets:
         mark = "----" if t["ok"] is None else ("PASS" if t["ok"] else "MISS")
         scope = "" if t["scope"] == "issue" else " (info)"
@@ -665,6 +728,7 @@ def main(argv: list[str] | None = None) -> int:
         correctness = soak = None
         try:
             bench.run_cells()
+            bench.neighbour_cells()
             if args.clients and args.per_client:
                 correctness = bench.correctness()
                 correctness.update(clients=args.clients, per_client=args.per_client)
