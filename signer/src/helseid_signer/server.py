@@ -288,11 +288,12 @@ class Server:
             # Always probe, also while another key of this backend is pending: the probe is
             # what finds a replaced key restored (PKCS#11) and clears its state. A backend
             # with a signing thread of its own is probed there, behind its signatures, and
-            # not at all while a call on it hangs; the probe may take call_timeout at most.
+            # not at all while a call on it has run past call_timeout.
             if isinstance(backend, OwnSigningThread):
-                probed = not self._hung(backend) and bool(
-                    await self._bounded(backend.sign_executor, probe, timeout=backend.call_timeout)
-                )
+                try:  # behind the queued signatures; given up only when a call there hangs
+                    probed = await backend.sign_executor.call(backend.call_timeout, None, probe)
+                except BackendError:
+                    probed = False
             else:
                 probed = await loop.run_in_executor(self.executor, probe)
             ok = probed and not pending

@@ -38,7 +38,7 @@ from helseid_signer_client.proto import signer_pb2 as pb
 
 from . import metrics, signing
 from .audit import AuditError
-from .backends.base import BackendError, BackendUnavailableError, WatchedExecutor
+from .backends.base import BackendError, WatchedExecutor
 from .claims import check_profile_name
 from .drain import CallTracker
 from .errors import RequestError, refusal
@@ -123,32 +123,13 @@ class SignerServicer:
             if jws is not None:
                 return jws
         executor = key.executor or self._executor
-        if key.call_timeout is None:
-            loop = asyncio.get_running_loop()
-            return await loop.run_in_executor(executor, signing.sign, signable, deadline)
-        return await self._sign_bounded(executor, key.call_timeout, signable, deadline)
-
-    @staticmethod
-    async def _sign_bounded(executor: Any, timeout: float, signable: Signable, deadline: float | None) -> str:
-        """Sign on a backend's own thread, waiting at most ``timeout`` seconds and never past
-        ``deadline``: a call into a hung module cannot be cancelled, so the request gets
-        UNAVAILABLE in time (clients retry it on another replica) instead of DEADLINE_EXCEEDED.
-        A backend whose running call is already older than ``timeout`` is hung: UNAVAILABLE
-        at once, nothing queued behind it."""
-        busy = executor.busy_for() if isinstance(executor, WatchedExecutor) else 0.0
-        if busy > timeout:
-            raise BackendUnavailableError(
-                f"the key store has not answered for {busy:.1f} s (call_timeout {timeout:g} s)"
-            )
-        future = executor.submit(signing.sign, signable, deadline)
-        wait = timeout if deadline is None else min(timeout, deadline - time.monotonic())
-        try:
-            return await asyncio.wait_for(asyncio.wrap_future(future), max(0.0, wait))
-        except TimeoutError:
-            future.cancel()  # still queued: it never runs; running: it cannot be stopped
-            raise BackendUnavailableError(
-                f"the key store did not answer within {max(0.0, wait):.1f} s (call_timeout {timeout:g} s)"
-            ) from None
+        if key.call_timeout is not None and isinstance(executor, WatchedExecutor):
+            # A call into a hung module cannot be cancelled: the request gets UNAVAILABLE in
+            # time (clients retry it on another replica) instead of DEADLINE_EXCEEDED, and
+            # nothing more queues behind a call that has run past call_timeout.
+            return await executor.call(key.call_timeout, deadline, signing.sign, signable, deadline)
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(executor, signing.sign, signable, deadline)
 
     async def _call(self, context: grpc.aio.ServicerContext, purpose: str, request: Any, work: Work) -> Any:
         started = time.perf_counter()

@@ -14,6 +14,7 @@ with ``isinstance``. Modelled on smallstep ``crypto/kms/apiv1``.
 
 from __future__ import annotations
 
+import asyncio
 import importlib
 import threading
 import time
@@ -231,6 +232,38 @@ class WatchedExecutor(ThreadPoolExecutor):
         with self._running_lock:
             oldest = min(self._running.values(), default=None)
         return 0.0 if oldest is None else time.monotonic() - oldest
+
+    async def call(self, call_timeout: float, deadline: float | None, fn: Any, *args: Any) -> Any:
+        """``fn(*args)`` on this pool, awaited on the event loop. Waiting in the queue is fine
+        while the pool makes progress; BackendUnavailableError instead when a task here has run
+        past ``call_timeout`` seconds (a call that hangs: at once, or as soon as it is seen
+        while waiting) or when ``deadline`` (``time.monotonic()``) comes first. A task still
+        queued then is cancelled; one already running cannot be."""
+        busy = self.busy_for()
+        if busy > call_timeout:
+            raise BackendUnavailableError(
+                f"the key store has not answered for {busy:.1f} s (call_timeout {call_timeout:g} s)"
+            )
+        future = self.submit(fn, *args)
+        waited = asyncio.wrap_future(future)
+        try:
+            while True:
+                wait = call_timeout if deadline is None else min(call_timeout, deadline - time.monotonic())
+                if wait <= 0:
+                    future.cancel()
+                    raise BackendUnavailableError("the key store did not answer before the caller's deadline")
+                done, _ = await asyncio.wait({waited}, timeout=wait)
+                if done:
+                    return waited.result()
+                busy = self.busy_for()
+                if busy > call_timeout:
+                    future.cancel()
+                    raise BackendUnavailableError(
+                        f"the key store has not answered for {busy:.1f} s (call_timeout {call_timeout:g} s)"
+                    )
+        except asyncio.CancelledError:
+            future.cancel()
+            raise
 
 
 @runtime_checkable
