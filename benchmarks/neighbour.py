@@ -7,10 +7,10 @@ an **unlisted** certificate (trusted by the CA, no caller). Each cell runs the v
 closed loop of ``SignClientAssertion`` (RS256) at 1 and 8 in flight, once alone ("quiet")
 and once ("noisy") while, in processes of their own,
 
-* the flooder sends as fast as :data:`FLOOD_IN_FLIGHT` calls in flight allow: its own
-  profile (over its rate: RESOURCE_EXHAUSTED) and the victim's profile (PERMISSION_DENIED
-  or RESOURCE_EXHAUSTED), and
-* the unlisted certificate signs (UNAUTHENTICATED) and keeps opening ``Health.Watch``
+* the flooder sends :data:`FLOOD_RPS` requests/s (20 times its limit): its own profile
+  (over its rate: RESOURCE_EXHAUSTED) and the victim's profile (PERMISSION_DENIED or
+  RESOURCE_EXHAUSTED), and the unlisted certificate a third of them (UNAUTHENTICATED), and
+* the unlisted certificate keeps opening ``Health.Watch``
   streams (up to :data:`WATCH_STREAMS` open at once; on this code each is refused).
 
 Target: the victim keeps >= 80 % of its quiet throughput and its p50 stays within 2x of
@@ -34,6 +34,12 @@ from tests.support.pki import CertificateAuthority
 from . import world
 
 FLOOD_RATE = 50
+#: What the flood sends: 20 times the flooder's rate limit (a third each over its rate, for
+#: a profile it may not use, and from the unlisted certificate), paced, with at most
+#: FLOOD_IN_FLIGHT calls outstanding. Paced rather than as fast as possible: on a 2-core
+#: machine an unpaced client would take a core from the server by itself, and the cell
+#: would measure the client's CPU, not the service's isolation.
+FLOOD_RPS = 1000
 FLOOD_IN_FLIGHT = 16
 WATCH_STREAMS = 200
 VICTIM_PROFILE, FLOOD_PROFILE = "victim", "flood"
@@ -179,16 +185,21 @@ async def _flooder(n: dict, t_end: int) -> dict:
         lambda: stranger.sign_client_assertion(VICTIM_PROFILE),  # no caller
     ]
 
+    interval = FLOOD_IN_FLIGHT / FLOOD_RPS  # seconds between one task's calls
+
     async def task(i: int) -> None:
         k = i
+        next_at = time.monotonic() + i * interval / FLOOD_IN_FLIGHT
         while time.monotonic_ns() < t_end:
             k += 1
+            next_at += interval
             try:
                 await calls[k % 3]()
                 code = "OK"
             except SignerError as exc:
                 code = exc.code.name
             codes[code] = codes.get(code, 0) + 1
+            await asyncio.sleep(max(0.0, next_at - time.monotonic()))
 
     await asyncio.gather(*(task(i) for i in range(FLOOD_IN_FLIGHT)))
     return {"codes": codes}
@@ -224,14 +235,21 @@ async def _watcher(n: dict, t_end: int) -> dict:
     return {"watch_opened": opened, "watch_refused": refused}
 
 
-def _role(role: str, n: dict, args: tuple, out: Any) -> None:
+def _role(role: str, n: dict, concurrency: int, inbox: Any, out: Any) -> None:
+    """A load process: import and connect, say ready, wait for the window, run, report."""
     try:
+        import grpc  # noqa: F401 - imported before "ready", not inside the window
+
+        import helseid_signer_client  # noqa: F401
+
+        out.put((role, "ready"))
+        t_start, t_end = inbox.get(timeout=300)
         if role == "victim":
-            result = asyncio.run(_victim(n, *args))
+            result = asyncio.run(_victim(n, concurrency, t_start, t_end))
         elif role == "flooder":
-            result = asyncio.run(_flooder(n, *args))
+            result = asyncio.run(_flooder(n, t_end))
         else:
-            result = asyncio.run(_watcher(n, *args))
+            result = asyncio.run(_watcher(n, t_end))
         out.put((role, result))
     except Exception:
         out.put((role, {"error": traceback.format_exc()}))
@@ -239,25 +257,35 @@ def _role(role: str, n: dict, args: tuple, out: Any) -> None:
 
 def run_cell(n: Neighbours, concurrency: int, noisy: bool, warmup: float, duration: float) -> tuple[dict, int, int]:
     """Start the victim (and with ``noisy`` the flooder and the watcher) in processes of
-    their own; returns (results by role, window start, window end) once they are done."""
+    their own; once all are ready, give them the window (after ``warmup``) and return
+    (a handle for :func:`collect`, window start, window end)."""
     ctx = multiprocessing.get_context("spawn")
     shared = {"address": n.address, "certs": n.certs, "ca": n.ca}
-    t_start = time.monotonic_ns() + int((warmup + 1.0) * 1e9)  # + the processes' start-up
-    t_end = t_start + int(duration * 1e9)
     out = ctx.Queue()
-    roles = [("victim", (concurrency, t_start, t_end))]
-    if noisy:
-        roles += [("flooder", (t_end,)), ("watcher", (t_end,))]
-    procs = [ctx.Process(target=_role, args=(r, shared, a, out), daemon=True) for r, a in roles]
+    roles = ["victim"] + (["flooder", "watcher"] if noisy else [])
+    inboxes = {role: ctx.Queue() for role in roles}
+    procs = [
+        ctx.Process(target=_role, args=(role, shared, concurrency, inboxes[role], out), daemon=True) for role in roles
+    ]
     for p in procs:
         p.start()
+    for _ in roles:
+        role, answer = out.get(timeout=300)
+        if answer != "ready":
+            raise RuntimeError(f"noisy-neighbour {role} failed to start:\n{answer.get('error')}")
+    # The neighbours start with the victim's warm-up, so the window sees them in full swing.
+    t_start = time.monotonic_ns() + int(warmup * 1e9)
+    t_end = t_start + int(duration * 1e9)
+    for inbox in inboxes.values():
+        inbox.put((t_start, t_end))
     return {"procs": procs, "out": out, "roles": len(roles)}, t_start, t_end
 
 
 def collect(handle: dict) -> dict:
+    """The results of the cell's processes, by role (RuntimeError if one failed)."""
     results = {}
     for _ in range(handle["roles"]):
-        role, result = handle["out"].get(timeout=120)
+        role, result = handle["out"].get(timeout=300)
         if "error" in result:
             raise RuntimeError(f"noisy-neighbour {role} failed:\n{result['error']}")
         results[role] = result

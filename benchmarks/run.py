@@ -325,8 +325,9 @@ class Bench:
                     if noisy:
                         row["neighbours"] = {"flooder": results["flooder"]["codes"], **results["watcher"]}
                         watcher = results["watcher"]
+                        sent = sum(results["flooder"]["codes"].values()) / (self.args.warmup + self.args.duration)
                         self.notes.append(
-                            f"{rid}: flooder answers {results['flooder']['codes']}; unlisted Health.Watch "
+                            f"{rid}: flood {sent:,.0f}/s, answers {results['flooder']['codes']}; unlisted Health.Watch "
                             f"{watcher['watch_opened']} opened, {watcher['watch_refused']} refused"
                         )
 

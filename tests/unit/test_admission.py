@@ -8,7 +8,12 @@ import json
 
 import pytest
 
-from helseid_signer.audit import MAX_REFUSAL_KINDS, AuditLog, RefusalCounter, verify_lines
+from helseid_signer.audit import (
+    MAX_REFUSAL_KINDS_PER_CALLER,
+    AuditLog,
+    RefusalCounter,
+    verify_lines,
+)
 from helseid_signer.errors import RequestError
 from helseid_signer.policy import Caller, InFlight, RateLimiter, admit
 
@@ -77,12 +82,13 @@ def test_refusal_counter_writes_the_first_of_each_kind_and_counts_the_rest():
 def test_refusal_counter_stays_bounded_whatever_the_messages():
     counter = RefusalCounter(10.0, clock=Clock())
     written = []
-    for i in range(MAX_REFUSAL_KINDS + 1000):
-        written += counter.note(_refusal("flooder", "INVALID_ARGUMENT", f"htu: message {i}"))
-    # MAX_REFUSAL_KINDS kinds, then one shared count for the rest
-    assert len(written) == MAX_REFUSAL_KINDS + 1
+    for i in range(1000):  # one caller, a new message each time (messages may quote the request)
+        written += counter.note(_refusal("flooder", "INVALID_ARGUMENT", f"htm: {i}"))
+    # MAX_REFUSAL_KINDS_PER_CALLER kinds, then one shared kind for the rest of this caller's
+    assert len(written) == MAX_REFUSAL_KINDS_PER_CALLER + 1
+    assert counter.note(_refusal("other"))  # another caller's first refusal has its own record
     (rest,) = counter.due(force=True)
-    assert rest["count"] == 999 and rest["error"] == "(several messages)"
+    assert (rest["caller"], rest["count"], rest["error"]) == ("flooder", 1000 - len(written), "(several messages)")
 
 
 def test_repeated_records_are_in_the_hash_chain(tmp_path):

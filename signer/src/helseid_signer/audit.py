@@ -67,9 +67,11 @@ class AuditError(Exception):
 
 #: Seconds over which repeated refusals of one kind become one record (``[audit] refusal_interval``).
 REFUSAL_INTERVAL = 10.0
-#: Kinds of refusal counted separately per interval; beyond it a caller's refusals of one
-#: purpose and status share one count whatever their ``error`` (the counter stays bounded).
+#: Kinds of refusal counted separately per interval, in all and per caller; beyond them a
+#: caller's refusals of one purpose and status share one count whatever their ``error``
+#: (messages may quote a little of the request, so a caller could make many kinds).
 MAX_REFUSAL_KINDS = 256
+MAX_REFUSAL_KINDS_PER_CALLER = 16
 
 
 def _resolve(waiters: list[asyncio.Future], error: Exception | None) -> None:
@@ -90,26 +92,32 @@ class RefusalCounter:
     Not thread-safe: the event loop alone uses it.
 
     So a caller that sends thousands of refused requests a second costs at most two records
-    per kind and interval, and at most :data:`MAX_REFUSAL_KINDS` kinds per interval."""
+    per kind and interval, at most :data:`MAX_REFUSAL_KINDS_PER_CALLER` kinds per caller and
+    :data:`MAX_REFUSAL_KINDS` in all per interval."""
 
     def __init__(self, interval: float = REFUSAL_INTERVAL, clock=time.monotonic) -> None:
         self.interval = interval
         self._clock = clock
         self._started = clock()
         self._counts: dict[tuple, dict[str, Any]] = {}
+        self._kinds: dict[Any, int] = {}  # caller -> kinds counted in this interval
 
     def note(self, record: dict[str, Any]) -> list[dict[str, Any]]:
         """The records to write for this refusal: the ended interval's counts, and the
         refusal itself when it is the first of its kind in this interval."""
         out = self.due()
-        key = (record.get("caller"), record.get("purpose"), record.get("status"), record.get("error"))
+        caller = record.get("caller")
+        key = (caller, record.get("purpose"), record.get("status"), record.get("error"))
         entry = self._counts.get(key)
-        if entry is None and len(self._counts) >= MAX_REFUSAL_KINDS:
-            key = (record.get("caller"), record.get("purpose"), record.get("status"), None)
+        if entry is None and (
+            len(self._counts) >= MAX_REFUSAL_KINDS or self._kinds.get(caller, 0) >= MAX_REFUSAL_KINDS_PER_CALLER
+        ):
+            key = (caller, record.get("purpose"), record.get("status"), None)
             entry = self._counts.get(key)
         now = _utc_now()
         if entry is None:
             self._counts[key] = {"count": 0, "first_time": None, "last_time": None}
+            self._kinds[caller] = self._kinds.get(caller, 0) + 1
             out.append(record)
         else:
             entry["count"] += 1
@@ -124,6 +132,7 @@ class RefusalCounter:
             return []
         self._started = self._clock()
         counts, self._counts = self._counts, {}
+        self._kinds = {}
         return [
             {
                 "caller": caller,
