@@ -126,3 +126,25 @@ def test_write_async_fails_closed(tmp_path):
     with pytest.raises(AuditError):
         asyncio.run(run())
     log.close()
+
+
+def test_write_async_with_fsync_writes_on_the_writer_thread_in_one_chain(tmp_path):
+    """With fsync the records go to the writer thread, several per write (group commit);
+    each caller's await returns once its own record is in the file."""
+    path = tmp_path / "audit.jsonl"
+    log = AuditLog(str(path), fsync=True)
+    in_file_on_return: list[bool] = []
+
+    async def one(i: int) -> None:
+        await log.write_async({"caller": "app", "outcome": "signed", "jti": f"jti-{i}"})
+        # when this answer could go out, its record is in the file
+        in_file_on_return.append(f'"jti":"jti-{i}"' in path.read_text())
+
+    async def run() -> None:
+        await asyncio.gather(*(one(i) for i in range(50)))
+
+    asyncio.run(run())
+    log.close()
+    lines = path.read_text().splitlines()
+    assert sorted(json.loads(line)["jti"] for line in lines) == sorted(f"jti-{i}" for i in range(50))
+    assert verify_lines(lines).ok and in_file_on_return == [True] * 50

@@ -16,9 +16,11 @@ record with ``outcome`` ``repeated``, ``count`` (how many were not written one b
 ``first_time``/``last_time`` (of those) and ``interval_s``. Such records are in the hash
 chain like every other. Every signature and every backend failure keeps its own record.
 
-**Where records are written.** Records go to the file on a writer thread of their own, off
-the event loop; records that arrive while a write is under way are written together (one
-``os.write``, one ``fsync``). A JWS is still returned only after its record is written.
+**Where records are written.** With ``fsync``, or to stdout (often a pipe to a collector
+that can fall behind), on a writer thread of their own, off the event loop; records that
+arrive while a write is under way are written together (one ``os.write``, one ``fsync``).
+To a regular file without ``fsync`` at once (a write into the page cache does not wait for
+the disk). A JWS is still returned only after its record is written.
 
 It NEVER holds a JWS, a signature, an access token (the service never sees one; only
 whether an ``ath`` was requested), a nonce value, a key or a PIN.
@@ -47,6 +49,7 @@ import logging
 import os
 import re
 import secrets
+import stat
 import sys
 import threading
 import time
@@ -196,6 +199,10 @@ class AuditLog:
         self._own = path is not None
         self.path = path
         self._fsync = fsync and path is not None
+        # A write into a regular file's page cache does not wait for the disk: done on the
+        # caller's thread (the event loop). fsync, and pipes (stdout to a log collector that
+        # may fall behind), can wait: those go to the writer thread.
+        self._direct = not self._fsync and stat.S_ISREG(os.fstat(self._fd).st_mode)
         self._lock = threading.Lock()
         self._partial = False
         self._pending: list[tuple[dict[str, Any], asyncio.Future | None]] = []
@@ -249,10 +256,15 @@ class AuditLog:
             self._seq, self._prev = seq, prev
 
     async def write_async(self, record: dict[str, Any]) -> None:
-        """Write one record on this log's writer thread, off the event loop, and return once
-        it is written (and synced with ``fsync``). Records that arrive while a write is under
-        way are written together in the next ``os.write`` (group commit: one ``fsync`` for
-        the batch). Raises AuditError (fail-closed) like :meth:`write`."""
+        """Write one record and return once it is written (and synced with ``fsync``). With
+        ``fsync``, or a sink that is not a regular file (stdout, often a pipe), on this log's
+        writer thread, off the event loop: records that arrive while a write is under way
+        are written together in the next ``os.write`` (group commit: one ``fsync`` for the
+        batch). A regular file without ``fsync`` is written at once (the page cache does not
+        wait for the disk). Raises AuditError (fail-closed) like :meth:`write`."""
+        if self._direct:
+            self._write_many([record])
+            return
         loop = asyncio.get_running_loop()
         done = loop.create_future()
         with self._pending_lock:
