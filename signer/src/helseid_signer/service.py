@@ -12,8 +12,8 @@ Each request passes, in order (:meth:`SignerServicer._call`):
    (INVALID_ARGUMENT when malformed, PERMISSION_DENIED when well-formed but not allowed),
    the claims and the key;
 4. signing in the key's backend, bounded by the caller's deadline;
-5. the audit record - with ``fail_closed`` a JWS is returned only once it is written (on
-   the audit log's writer thread, off the event loop); refusals are counted into bounded
+5. the audit record - with ``fail_closed`` a JWS is returned only once it is written (with
+   ``fsync`` or to stdout on the audit log's writer thread); refusals are counted into bounded
    records (:class:`~.audit.RefusalCounter`) and never wait for the file.
 
 Errors map to gRPC status codes through :func:`~.errors.refusal`, the one table every
