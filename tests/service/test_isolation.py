@@ -16,6 +16,7 @@ from __future__ import annotations
 import fcntl
 import json
 import os
+import resource
 import signal
 import socket
 import subprocess
@@ -332,6 +333,37 @@ def test_idle_metrics_connections_hold_no_descriptors_and_signing_goes_on(kit):
                 assert time.monotonic() < deadline
                 time.sleep(0.5)
         assert "helseid_signer_requests_total" in body
+
+
+def test_connections_cannot_use_up_the_descriptors_the_key_store_needs(kit):
+    """Issue 13 points 1 and 4: peers that hold connections (each a descriptor) made the
+    process run out of descriptors - then SoftHSM and the audit file failed for everyone.
+    The TCP listener now accepts connections only up to the descriptor limit less a reserve
+    (``server.connection_cap``); beyond it new connections are closed, and a caller already
+    connected keeps signing."""
+    config, _, _ = _config(kit, "connections")
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (400, hard))  # inherited by the signer
+    try:
+        signer = start_signer(config, env={"SOFTHSM2_CONF": str(kit["token"].conf)})
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    idle = []
+    try:
+        with _client(kit, signer, "victim") as victim:
+            victim.sign_client_assertion("a")  # connected before the flood of connections
+            host, port = signer.address.rsplit(":", 1)
+            for _ in range(600):  # more than the signer's 400 descriptors
+                idle.append(socket.create_connection((host, int(port)), timeout=5))
+            time.sleep(1.0)
+            for _ in range(5):
+                answer = victim.sign_client_assertion("a")
+                assert verified_claims(answer.jwt, kit["keys"]["ka"])["sub"] == "isolation"
+            assert len(os.listdir(f"/proc/{signer.pid}/fd")) < 400
+    finally:
+        for s in idle:
+            s.close()
+        signer.stop()
 
 
 def test_metrics_listen_defaults_to_loopback_and_check_warns_otherwise(kit, tmp_path):

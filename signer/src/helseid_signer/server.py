@@ -14,6 +14,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import resource
 import signal
 import stat
 import threading
@@ -54,6 +55,8 @@ MAX_CONNECTION_AGE_GRACE_MS = 30_000
 STOP_GRACE = 5.0  # seconds in-flight requests get after SIGTERM
 PROBE_TIMEOUT = 3.0  # seconds a health probe signature may take
 DRIFT_CHECK_INTERVAL = 300.0  # seconds between asking cloud backends whether a pinned key moved on
+#: Descriptors kept for everything but TCP connections (token store files, audit, metrics, logs).
+FD_RESERVE = 256
 #: HTTP/2 streams one connection may hold open at once.
 MAX_STREAMS_PER_CONNECTION = 100
 #: Health.Watch streams one configured caller may hold open at once (per process).
@@ -66,7 +69,21 @@ SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 
 
-def _new_server(settings: Settings, reuse_port: bool = False) -> grpc.aio.Server:
+def connection_cap() -> int:
+    """Connections the TCP listener accepts at once: the process's descriptor limit less
+    :data:`FD_RESERVE`, so peers holding connections (each a descriptor) can never take the
+    descriptors the key store, the audit file and the metrics port need (issue 13: about
+    1,000 idle connections used up the descriptors and SoftHSM itself failed). Beyond it a
+    new connection is closed at once; open connections go on."""
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY:
+        return 1 << 20
+    return max(16, soft - FD_RESERVE)
+
+
+def _new_server(settings: Settings, reuse_port: bool = False, tcp: bool = False) -> grpc.aio.Server:
+    # Only the TCP listener is capped: a caller's Unix socket is reachable by its owner only.
+    capped = [("grpc.max_allowed_incoming_connections", connection_cap())] if tcp else []
     return grpc.aio.server(
         # Unset by default: gRPC counts it before anyone is identified, so a peer that fills
         # it refuses every caller. Admission is per caller instead (policy.InFlight) and
@@ -84,6 +101,7 @@ def _new_server(settings: Settings, reuse_port: bool = False) -> grpc.aio.Server
             # with round_robin over DNS also reach replicas added after they connected.
             ("grpc.max_connection_age_ms", MAX_CONNECTION_AGE_MS),
             ("grpc.max_connection_age_grace_ms", MAX_CONNECTION_AGE_GRACE_MS),
+            *capped,
         ],
     )
 
@@ -178,8 +196,8 @@ class Server:
             refusal_interval=settings.audit.refusal_interval,
         )
 
-    def _new_grpc_server(self, identify: Identify) -> grpc.aio.Server:
-        server = _new_server(self.settings, reuse_port=self.is_worker)
+    def _new_grpc_server(self, identify: Identify, tcp: bool = False) -> grpc.aio.Server:
+        server = _new_server(self.settings, reuse_port=self.is_worker, tcp=tcp)
         add_to_server(SignerServicer(self.holder, self.executor, identify), server, self.calls)
         health_pb2_grpc.add_HealthServicer_to_server(HealthFront(self.health, identify, self._watches), server)
         if self.settings.server.reflection:
@@ -207,10 +225,12 @@ class Server:
                         target,
                         name,
                     )
-                    bound = self._new_grpc_server(named_identifier(self.holder, name)).add_insecure_port(target)
+                    bound = self._new_grpc_server(named_identifier(self.holder, name), tcp=True).add_insecure_port(
+                        target
+                    )
                 else:
                     self.tls = TlsFiles(server_settings)
-                    grpc_server = self._new_grpc_server(tls_identifier(self.holder))
+                    grpc_server = self._new_grpc_server(tls_identifier(self.holder), tcp=True)
                     bound = grpc_server.add_secure_port(target, self.tls.credentials())
             except RuntimeError as exc:  # grpcio: "Failed to bind to address ..."
                 bound = 0
