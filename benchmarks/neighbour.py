@@ -100,6 +100,7 @@ def _config(path: Path, w: world.World, ca: CertificateAuthority, certs: dict, w
         'tls_names = ["flooder.bench.test"]',
         f'profiles = ["{FLOOD_PROFILE}"]',
         f"rate_limit = {FLOOD_RATE}",
+        "rate_burst = 5",
         "",
     ]
     path.write_text("\n".join(lines))

@@ -57,8 +57,6 @@ PROBE_TIMEOUT = 3.0  # seconds a health probe signature may take
 DRIFT_CHECK_INTERVAL = 300.0  # seconds between asking cloud backends whether a pinned key moved on
 #: Descriptors kept for everything but TCP connections (token store files, audit, metrics, logs).
 FD_RESERVE = 256
-#: HTTP/2 streams one connection may hold open at once.
-MAX_STREAMS_PER_CONNECTION = 100
 #: Health.Watch streams one configured caller may hold open at once (per process).
 WATCHES_PER_CALLER = 4
 #: How often (seconds) the server looks for a backend whose call has run past its call_timeout.
@@ -91,8 +89,10 @@ def _new_server(settings: Settings, reuse_port: bool = False, tcp: bool = False)
         maximum_concurrent_rpcs=settings.server.max_concurrent_rpcs,
         options=[
             ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
-            # HTTP/2 streams one connection may have open at once (SETTINGS_MAX_CONCURRENT_STREAMS).
-            ("grpc.max_concurrent_streams", MAX_STREAMS_PER_CONNECTION),
+            # No cap on HTTP/2 streams per connection (SETTINGS_MAX_CONCURRENT_STREAMS): what can
+            # hold a stream is bounded by identity instead (max_in_flight, Health.Watch), and a
+            # cap would queue a busy caller's calls in its client, where the drain on SIGTERM
+            # cannot see them (tests/service/test_lifecycle.py failed with a cap of 100).
             ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
             # SO_REUSEPORT only for the worker processes of one supervisor (which reserved the
             # port): a single server must fail to start on a port another instance holds.
