@@ -15,6 +15,9 @@ It starts what it needs (``benchmarks/world.py``), then measures at each concurr
    DEFT's multipart protocol through ``DPoPAuth``, through the service and with an in-process
    key: throughput, client RSS growth, parts re-sent (``benchmarks/upload.py``); alone:
    ``python -m benchmarks --only upload --clients 0 --upload-gb 1``;
+6. noisy neighbours (``benchmarks/neighbour.py``, ids ``neighbour/...``): a victim caller's
+   assertions at 1 and 8 in flight on a second signer with mTLS, alone and beside a caller
+   flooding over its rate limit and an unlisted certificate opening Health.Watch streams;
 
 then checks correctness (``clients`` x ``per-client`` signatures, every one verified), prints
 the table with each ratio to its baseline and the issue's targets, and writes it all as JSON.
@@ -40,7 +43,7 @@ from typing import Any
 
 import grpc
 
-from . import loadgen, procstat, upload, world
+from . import loadgen, neighbour, procstat, upload, world
 from .raw import RawPool
 from .stats import composed_limit, summarize
 
@@ -55,6 +58,10 @@ RSS_GROWTH_MB = 5
 #: issue 14 target: client RSS growth during the streamed upload, over its baseline
 UPLOAD_RSS_GROWTH_MB = 50
 UPLOAD_NONCE_LIFETIME = 2.0  # seconds: the stand-in's nonce rotates during the upload cells
+#: issue 13 targets: the victim beside noisy neighbours, against the same cell without them
+NEIGHBOUR_THROUGHPUT_SHARE = 0.80
+NEIGHBOUR_P50_FACTOR = 2.0
+NEIGHBOUR_CONCURRENCY = (1, 8)
 
 
 def say(*args: Any) -> None:
@@ -392,6 +399,34 @@ class Bench:
         )
         return answer
 
+    def neighbour_cells(self) -> None:
+        """The noisy-neighbour cells (``benchmarks/neighbour.py``): the victim alone, then
+        beside a flooding caller and an unlisted certificate, at 1 and 8 in flight."""
+        ids = [f"neighbour/{mode}/c{c}" for c in NEIGHBOUR_CONCURRENCY for mode in ("quiet", "noisy")]
+        if not any(self.wanted(i) for i in ids):
+            return
+        say("  noisy neighbours: a second signer with mTLS, a victim, a flooder, an unlisted certificate ...")
+        with neighbour.neighbours(self.w, self.args.workers) as n:
+            for c in NEIGHBOUR_CONCURRENCY:
+                for noisy in (False, True):  # both, always: the quiet cell is the noisy one's baseline
+                    rid = f"neighbour/{'noisy' if noisy else 'quiet'}/c{c}"
+                    if self.args.quiet_wait:
+                        self.wait_quiet()
+                    handle, t_start, t_end = neighbour.run_cell(n, c, noisy, self.args.warmup, self.args.duration)
+                    watch = self._watch(t_start, t_end, n.pids)
+                    results = neighbour.collect(handle)
+                    what = "victim assertions, noisy neighbours" if noisy else "victim assertions, alone"
+                    row = {"id": rid, "group": "neighbour", "what": what, "alg": "RS256", "concurrency": c}
+                    row = self._record(row, results["victim"], watch)
+                    if noisy:
+                        row["neighbours"] = {"flooder": results["flooder"]["codes"], **results["watcher"]}
+                        watcher = results["watcher"]
+                        sent = sum(results["flooder"]["codes"].values()) / (self.args.warmup + self.args.duration)
+                        self.notes.append(
+                            f"{rid}: flood {sent:,.0f}/s, answers {results['flooder']['codes']}; unlisted Health.Watch "
+                            f"{watcher['watch_opened']} opened, {watcher['watch_refused']} refused"
+                        )
+
     def correctness(self) -> dict:
         say(f"  correctness: {self.args.clients} clients x {self.args.per_client} signatures ...")
         self.gen_conn.send({"op": "correctness", "clients": self.args.clients, "per_client": self.args.per_client})
@@ -483,6 +518,10 @@ def add_baselines(rows: list[dict]) -> None:
             base = _find(rows, f"grpc/health/c{c}")
             if base:
                 r["baseline"] = {"name": "gRPC ceiling", "throughput": base["throughput"], "p50_ms": base["p50_ms"]}
+        elif r["group"] == "neighbour" and "/noisy/" in r["id"]:
+            base = _find(rows, r["id"].replace("/noisy/", "/quiet/"))
+            if base:
+                r["baseline"] = {"name": "victim alone", "throughput": base["throughput"], "p50_ms": base["p50_ms"]}
         elif r["group"] == "flow_service":
             base = _find(rows, r["id"].replace("/service/", "/inproc/"))
             if base:
@@ -542,6 +581,31 @@ def evaluate_targets(rows: list[dict], soak: dict | None, uploads: dict | None =
                     "ok": r["p50_extra_ms"] <= API_EXTRA_P50_MS,
                     "scope": "issue" if r["concurrency"] == 1 else "info",
                     "text": f"+{r['p50_extra_ms']:.3f} ms ({r['p50_ms']:.3f} vs {r['baseline']['p50_ms']:.3f} ms)",
+                }
+            )
+    for r in rows:
+        if r["group"] == "neighbour" and "baseline" in r:
+            b = r["baseline"]
+            out.append(
+                {
+                    "target": f"victim beside noisy neighbours @{r['concurrency']}: "
+                    f">= {NEIGHBOUR_THROUGHPUT_SHARE:.0%} of its throughput alone",
+                    "measured": r["throughput"],
+                    "limit": NEIGHBOUR_THROUGHPUT_SHARE * b["throughput"],
+                    "ok": r["ratio"] >= NEIGHBOUR_THROUGHPUT_SHARE,
+                    "text": f"{r['throughput']:,.0f}/s = {r['ratio']:.0%} of {b['throughput']:,.0f}/s",
+                }
+            )
+            out.append(
+                {
+                    "target": f"victim beside noisy neighbours @{r['concurrency']}: "
+                    f"p50 <= {NEIGHBOUR_P50_FACTOR:g}x its p50 alone",
+                    "measured": r["p50_ms"],
+                    "limit": NEIGHBOUR_P50_FACTOR * b["p50_ms"],
+                    "ok": r["p50_ms"] <= NEIGHBOUR_P50_FACTOR * b["p50_ms"],
+                    "text": f"{r['p50_ms']:.2f} ms vs {b['p50_ms']:.2f} ms alone ({r['p50_ms'] / b['p50_ms']:.2f}x)"
+                    if b["p50_ms"]
+                    else "-",
                 }
             )
     gen_rows = [r for r in rows if r["group"] not in ("raw",)]
@@ -661,7 +725,7 @@ def table(
             )
         if "ratio" in uploads:
             lines.append(f"  via service / in-process key: {uploads['ratio']:.2f}x throughput")
-    lines += ["", "targets (issues 7 and 14):"]
+    lines += ["", "targets (issue 7; streamed upload: issue 14; noisy neighbours: issue 13):"]
     for t in targets:
         mark = "----" if t["ok"] is None else ("PASS" if t["ok"] else "MISS")
         scope = "" if t["scope"] == "issue" else " (info)"
@@ -823,6 +887,7 @@ def main(argv: list[str] | None = None) -> int:
         try:
             bench.run_cells()
             uploads = bench.upload_cells()
+            bench.neighbour_cells()
             if args.clients and args.per_client:
                 correctness = bench.correctness()
                 correctness.update(clients=args.clients, per_client=args.per_client)

@@ -9,6 +9,19 @@ A record holds: ``time`` (UTC, ISO 8601 with milliseconds), ``chain``, ``seq`` a
 (the message, which names the field); for backend failures also ``ref`` (the reference the
 caller was given) and ``backend_error`` (the backend's own text, which callers never see).
 
+**Refusals are counted, not each written** (:class:`RefusalCounter`): per caller,
+``purpose``, ``status`` and ``error``, the first refusal in each ``[audit]
+refusal_interval`` (10 s) is a record as above; the others in that interval become ONE
+record with ``outcome`` ``repeated``, ``count`` (how many were not written one by one),
+``first_time``/``last_time`` (of those) and ``interval_s``. Such records are in the hash
+chain like every other. Every signature and every backend failure keeps its own record.
+
+**Where records are written.** With ``fsync``, or to stdout (often a pipe to a collector
+that can fall behind), on a writer thread of their own, off the event loop; records that
+arrive while a write is under way are written together (one ``os.write``, one ``fsync``).
+To a regular file without ``fsync`` at once (a write into the page cache does not wait for
+the disk). A JWS is still returned only after its record is written.
+
 It NEVER holds a JWS, a signature, an access token (the service never sees one; only
 whether an ``ath`` was requested), a nonce value, a key or a PIN.
 
@@ -40,15 +53,19 @@ an error and answer anyway.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
 import logging
 import os
 import re
 import secrets
+import stat
 import sys
 import threading
+import time
 from collections.abc import Iterable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -61,6 +78,96 @@ log = logging.getLogger("helseid_signer.audit")
 
 class AuditError(Exception):
     """The audit record could not be written."""
+
+
+#: Seconds over which repeated refusals of one kind become one record (``[audit] refusal_interval``).
+REFUSAL_INTERVAL = 10.0
+#: Kinds of refusal counted separately per interval, in all and per caller; beyond them a
+#: caller's refusals of one purpose and status share one count whatever their ``error``
+#: (messages may quote a little of the request, so a caller could make many kinds).
+MAX_REFUSAL_KINDS = 256
+MAX_REFUSAL_KINDS_PER_CALLER = 16
+
+
+def _resolve(waiters: list[asyncio.Future], error: Exception | None) -> None:
+    for done in waiters:
+        if done.done():  # the request was cancelled meanwhile
+            continue
+        if error is None:
+            done.set_result(None)
+        else:
+            done.set_exception(error)
+
+
+class RefusalCounter:
+    """Bounded audit of refusals: per kind - (``caller``, ``purpose``, ``status``,
+    ``error``) - and ``interval`` seconds, the first refusal is returned to be written as
+    its own record; the rest are counted, and when the interval has ended one record with
+    ``outcome`` ``repeated``, ``count``, ``first_time`` and ``last_time`` stands for them.
+    Not thread-safe: the event loop alone uses it.
+
+    So a caller that sends thousands of refused requests a second costs at most two records
+    per kind and interval, at most :data:`MAX_REFUSAL_KINDS_PER_CALLER` kinds per caller and
+    :data:`MAX_REFUSAL_KINDS` in all per interval."""
+
+    def __init__(self, interval: float = REFUSAL_INTERVAL, clock=time.monotonic) -> None:
+        self.interval = interval
+        self._clock = clock
+        self._started = clock()
+        self._counts: dict[tuple, dict[str, Any]] = {}
+        self._kinds: dict[Any, int] = {}  # caller -> kinds counted in this interval
+
+    def note(self, record: dict[str, Any]) -> list[dict[str, Any]]:
+        """The records to write for this refusal: the ended interval's counts, and the
+        refusal itself when it is the first of its kind in this interval."""
+        out = self.due()
+        caller = record.get("caller")
+        key = (caller, record.get("purpose"), record.get("status"), record.get("error"))
+        entry = self._counts.get(key)
+        if entry is None and (
+            len(self._counts) >= MAX_REFUSAL_KINDS or self._kinds.get(caller, 0) >= MAX_REFUSAL_KINDS_PER_CALLER
+        ):
+            key = (caller, record.get("purpose"), record.get("status"), None)
+            entry = self._counts.get(key)
+        now = _utc_now()
+        if entry is None:
+            self._counts[key] = {"count": 0, "first_time": None, "last_time": None}
+            self._kinds[caller] = self._kinds.get(caller, 0) + 1
+            out.append(record)
+        else:
+            entry["count"] += 1
+            entry["first_time"] = entry["first_time"] or now
+            entry["last_time"] = now
+        return out
+
+    def due(self, force: bool = False) -> list[dict[str, Any]]:
+        """The ``repeated`` records of an interval that has ended (``force``: now), each
+        kind with a count; the counter then starts a new interval."""
+        if not force and self._clock() - self._started < self.interval:
+            return []
+        self._started = self._clock()
+        counts, self._counts = self._counts, {}
+        self._kinds = {}
+        return [
+            {
+                "caller": caller,
+                "profile": None,
+                "purpose": purpose,
+                "outcome": "repeated",
+                "status": status,
+                "error": error if error is not None else "(several messages)",
+                "count": entry["count"],
+                "first_time": entry["first_time"],
+                "last_time": entry["last_time"],
+                "interval_s": self.interval,
+            }
+            for (caller, purpose, status, error), entry in counts.items()
+            if entry["count"]
+        ]
+
+
+def _utc_now() -> str:
+    return datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
 def line_hash(line: str) -> str:
@@ -84,9 +191,17 @@ class AuditLog:
         fail_closed: raise :class:`AuditError` when a write fails (see module docstring).
         fsync: also ``fsync`` the file after each record (a record survives a crash of the
             host, at the cost of a disk sync per request); not for stdout.
+        refusal_interval: seconds over which repeated refusals of one kind are counted
+            into one record (:class:`RefusalCounter`).
     """
 
-    def __init__(self, path: str | None = None, fail_closed: bool = True, fsync: bool = False) -> None:
+    def __init__(
+        self,
+        path: str | None = None,
+        fail_closed: bool = True,
+        fsync: bool = False,
+        refusal_interval: float = REFUSAL_INTERVAL,
+    ) -> None:
         self.fail_closed = fail_closed
         if path is not None:
             self._fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
@@ -96,8 +211,17 @@ class AuditLog:
         self._own = path is not None
         self.path = path
         self._fsync = fsync and path is not None
+        # A write into a regular file's page cache does not wait for the disk: done on the
+        # caller's thread (the event loop). fsync, and pipes (stdout to a log collector that
+        # may fall behind), can wait: those go to the writer thread.
+        self._direct = not self._fsync and stat.S_ISREG(os.fstat(self._fd).st_mode)
         self._lock = threading.Lock()
         self._partial = False
+        self._pending: list[tuple[dict[str, Any], asyncio.Future | None]] = []
+        self._pending_lock = threading.Lock()
+        self._flushing = False
+        self._executor: ThreadPoolExecutor | None = None
+        self.refusals = RefusalCounter(refusal_interval)
         self._new_chain()
 
     def _new_chain(self) -> None:
@@ -108,13 +232,24 @@ class AuditLog:
 
     def write(self, record: dict[str, Any]) -> None:
         """Write one record (``time``, ``chain``, ``seq`` and ``prev`` are added first) and
-        hand it to the OS (and sync it to disk with ``fsync``). Raises AuditError (fail-closed)."""
+        hand it to the OS (and sync it to disk with ``fsync``) on this thread. Raises
+        AuditError (fail-closed)."""
+        self._write_many([record])
+
+    def _write_many(self, records: list[dict[str, Any]]) -> None:
+        """Write ``records`` in order, in this log's chain, with ONE ``os.write`` (and one
+        ``fsync``): a batch either reaches the file whole or starts a new chain."""
         now = datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
         with self._lock:
-            entry = {"time": now, "chain": self.chain, "seq": self._seq + 1, "prev": self._prev, **record}
-            line = json.dumps(entry, separators=(",", ":"), default=str)
+            seq, prev = self._seq, self._prev
+            lines = []
+            for record in records:
+                entry = {"time": now, "chain": self.chain, "seq": seq + 1, "prev": prev, **record}
+                line = json.dumps(entry, separators=(",", ":"), default=str)
+                lines.append(line)
+                seq, prev = seq + 1, line_hash(line)
             # After a partial write the file ends inside a line: start on a new one.
-            data = ("\n" if self._partial else "").encode() + (line + "\n").encode("ascii")
+            data = ("\n" if self._partial else "").encode() + "".join(line + "\n" for line in lines).encode("ascii")
             written = 0
             try:
                 while written < len(data):
@@ -132,9 +267,9 @@ class AuditLog:
                 log.error("audit record not written: %s", exc)
                 return
             self._partial = False
-            self._seq += 1
-            self._prev = line_hash(line)
-            if self._seq == 1:
+            started = self._seq == 0
+            self._seq, self._prev = seq, prev
+            if started:
                 anchor = {"event": "start", "chain": self.chain, "sink": self.path or "stdout"}
                 log.info("audit chain %s started", self.chain, extra={"audit_chain": anchor})
 
@@ -143,6 +278,68 @@ class AuditLog:
         if getattr(self, "_seq", 0) > 0:
             anchor = {"event": "end", "chain": self.chain, "seq": self._seq, "last": self._prev}
             log.info("audit chain %s ended at seq %d", self.chain, self._seq, extra={"audit_chain": anchor})
+
+    async def write_async(self, record: dict[str, Any]) -> None:
+        """Write one record and return once it is written (and synced with ``fsync``). With
+        ``fsync``, or a sink that is not a regular file (stdout, often a pipe), on this log's
+        writer thread, off the event loop: records that arrive while a write is under way
+        are written together in the next ``os.write`` (group commit: one ``fsync`` for the
+        batch). A regular file without ``fsync`` is written at once (the page cache does not
+        wait for the disk). Raises AuditError (fail-closed) like :meth:`write`."""
+        if self._direct:
+            self._write_many([record])
+            return
+        loop = asyncio.get_running_loop()
+        done = loop.create_future()
+        with self._pending_lock:
+            self._pending.append((record, done))
+            start = not self._flushing
+            self._flushing = True
+        if start:
+            self._writer().submit(self._flush_pending)
+        await done
+
+    def submit(self, record: dict[str, Any]) -> None:
+        """Queue one record for the writer thread and return at once (a failure is logged)."""
+        with self._pending_lock:
+            self._pending.append((record, None))
+            start = not self._flushing
+            self._flushing = True
+        if start:
+            self._writer().submit(self._flush_pending)
+
+    def _writer(self) -> ThreadPoolExecutor:
+        if self._executor is None:
+            self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="audit")
+        return self._executor
+
+    def _flush_pending(self) -> None:
+        """The writer thread: write what is pending, batch after batch, until nothing is."""
+        while True:
+            with self._pending_lock:
+                batch, self._pending = self._pending, []
+                if not batch:
+                    self._flushing = False
+                    return
+            error: Exception | None = None
+            try:
+                self._write_many([record for record, _ in batch])
+            except Exception as exc:  # AuditError (fail-closed), or a closed descriptor
+                error = exc
+            waiters = [done for _, done in batch if done is not None]
+            if error is not None and len(waiters) < len(batch):
+                log.error("audit record of a refusal not written: %s", error)
+            if waiters:
+                target = waiters[0].get_loop()
+                try:
+                    target.call_soon_threadsafe(_resolve, waiters, error)
+                except RuntimeError:  # the loop is closed: nobody waits any more
+                    pass
+
+    def flush_refusals(self, force: bool = False) -> None:
+        """Write the counts of intervals that have ended (all of them with ``force``)."""
+        for entry in self.refusals.due(force):
+            self.submit(entry)
 
     def moved(self) -> bool:
         """True when ``path`` no longer names the open file (log rotation moved or deleted it):
@@ -156,7 +353,12 @@ class AuditLog:
         return (at_path.st_dev, at_path.st_ino) != (open_file.st_dev, open_file.st_ino)
 
     def close(self) -> None:
-        """Log the chain's end anchor and close the file (not stdout)."""
+        """Write the pending refusal counts and queued records, log the chain's end anchor and
+        close the file (not stdout)."""
+        self.flush_refusals(force=True)
+        if self._executor is not None:
+            self._executor.shutdown(wait=True)
+            self._executor = None
         with self._lock:
             self._announce_end()
             self._seq = 0

@@ -56,6 +56,7 @@ from .config import (
     Settings,
     is_loopback_host,
     load_settings,
+    parse_listen,
 )
 from .htu import HtuPolicy, canonical_htu
 from .identity import socket_directory_problem
@@ -444,6 +445,16 @@ def check_settings(settings: Settings, keys: dict[str, SigningKey], report: Repo
         )
     if server.reflection:
         report.warning("server.reflection: on; anyone who can connect can list the service's methods")
+    if settings.metrics and not is_loopback_host(parse_listen(settings.metrics.listen)[0]):
+        report.warning(
+            f"metrics.listen: {settings.metrics.listen} is not loopback; admit only monitoring to it "
+            "(a network policy), anyone who reaches it reads the service's counters"
+        )
+    if server.max_concurrent_rpcs is not None:
+        report.warning(
+            f"server.max_concurrent_rpcs: {server.max_concurrent_rpcs} is counted before callers are identified: "
+            "a peer that fills it refuses every caller (callers.*.max_in_flight limits each caller instead)"
+        )
     for name, caller in settings.callers.items():
         sock = caller.unix_socket
         if sock is not None:

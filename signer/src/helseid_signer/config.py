@@ -20,8 +20,10 @@ from pydantic import AfterValidator, Field, ValidationError, ValidationInfo, fie
 from pydantic_core import InitErrorDetails
 
 from .algorithms import ALGORITHMS
+from .audit import REFUSAL_INTERVAL
 from .backends.base import REGISTRY, BackendConfigError, backend_class
 from .htu import UrlBase
+from .policy import DEFAULT_MAX_IN_FLIGHT
 from .settings_types import (
     Bool,
     ConfigPath,
@@ -64,7 +66,9 @@ class ServerSettings(_Strict):
     client_ca: ConfigPath | None = None
     workers: Annotated[Int, Field(ge=1, le=64)] = 1
     reflection: Bool = False
-    max_concurrent_rpcs: Annotated[Int, Field(ge=1, le=100_000)] = 1000
+    #: A server-wide limit gRPC applies BEFORE the caller is known (every caller then gets
+    #: RESOURCE_EXHAUSTED): unset by default; admission is per caller (``max_in_flight``).
+    max_concurrent_rpcs: Annotated[Int, Field(ge=1, le=100_000)] | None = None
     #: Seconds between health checks (pending keys retried, backends probed).
     health_interval: Annotated[float, Field(ge=0.1, le=3600)] = 5.0
 
@@ -106,6 +110,8 @@ class CallerSettings(_Strict):
     certificate without SAN); each compared within its type only. ``unix_socket``: its own socket.
     ``profiles``: the profiles it may use. ``rate_limit``: requests per second (average,
     per worker process) with bursts up to ``rate_burst``; unlimited when unset.
+    ``max_in_flight``: requests it may have running at once (per worker process); more get
+    RESOURCE_EXHAUSTED, so one caller cannot hold all of a worker's signing capacity.
     """
 
     profiles: tuple[Name, ...]
@@ -113,6 +119,7 @@ class CallerSettings(_Strict):
     unix_socket: UnixSocketSettings | None = None
     rate_limit: Annotated[float, Field(gt=0, le=1_000_000)] | None = None
     rate_burst: Annotated[Int, Field(ge=1, le=1_000_000)] | None = None
+    max_in_flight: Annotated[Int, Field(ge=1, le=10_000)] = DEFAULT_MAX_IN_FLIGHT
 
     @field_validator("tls_names")
     @classmethod
@@ -144,6 +151,9 @@ class AuditSettings(_Strict):
     on_failure: Literal["fail_closed", "continue"] = "fail_closed"
     #: fsync the file after each record (with ``sink = "file"``): records survive a host crash.
     fsync: Bool = False
+    #: Seconds over which repeated refusals of one kind (caller, purpose, status, message)
+    #: are counted into one record instead of one record each.
+    refusal_interval: Annotated[float, Field(ge=0.1, le=3600)] = REFUSAL_INTERVAL
 
     @model_validator(mode="after")
     def _path(self) -> AuditSettings:
@@ -252,9 +262,10 @@ class RotationSettings(_Strict):
 
 class MetricsSettings(_Strict):
     """``[metrics]``: the Prometheus endpoint (plain HTTP ``GET /metrics``), on its own port
-    so that a NetworkPolicy can admit only the monitoring namespace to it."""
+    so that a NetworkPolicy can admit only the monitoring namespace to it. Loopback unless
+    ``listen`` says otherwise (``check`` warns when it is not loopback)."""
 
-    listen: str
+    listen: str = "127.0.0.1:9464"
 
     @field_validator("listen")
     @classmethod

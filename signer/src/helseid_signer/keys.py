@@ -55,6 +55,8 @@ class SigningKey:
             service's pool.
         signs_on_event_loop: the backend may sign on the caller's thread when it can do so
             without waiting (:class:`~.backends.base.ImmediateSigner`, opted in).
+        call_timeout: seconds a call on ``executor`` may run before the backend counts as
+            hung (:class:`~.backends.base.OwnSigningThread`); None: no such bound.
     """
 
     name: str
@@ -67,6 +69,7 @@ class SigningKey:
     dpop_header: str
     executor: Executor | None = field(default=None, repr=False, compare=False)
     signs_on_event_loop: bool = False
+    call_timeout: float | None = None
 
     @property
     def published_jwk(self) -> dict[str, str]:
@@ -96,6 +99,7 @@ class SigningKey:
         return {
             "executor": backend.sign_executor if isinstance(backend, OwnSigningThread) else None,
             "signs_on_event_loop": isinstance(backend, ImmediateSigner) and bool(backend.sign_on_event_loop),
+            "call_timeout": backend.call_timeout if isinstance(backend, OwnSigningThread) else None,
         }
 
 

@@ -24,6 +24,10 @@ Names and labels (no label ever holds a token, a key or a caller-chosen free tex
 
 docs/operations.md, "Metrics", has the table operators read.
 
+Served by :func:`serve_metrics` (the standard library's HTTP server, bounded: at most
+:data:`METRICS_MAX_CONNECTIONS` connections at once, each closed after
+:data:`METRICS_TIMEOUT` seconds idle), on loopback unless ``[metrics] listen`` says otherwise.
+
 With several worker processes the metrics use prometheus-client's multiprocess mode: the
 supervisor sets ``PROMETHEUS_MULTIPROC_DIR`` before it spawns the workers and serves the
 aggregate; gauges report the most recent live value.
@@ -31,7 +35,12 @@ aggregate; gauges report the most recent live value.
 
 from __future__ import annotations
 
-from prometheus_client import Counter, Gauge, Histogram
+import socket
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, Counter, Gauge, Histogram, generate_latest
 
 _LATENCY_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
 
@@ -84,3 +93,74 @@ TLS_CERTIFICATE_EXPIRY = Gauge(
     ["certificate"],
     multiprocess_mode="livemostrecent",
 )
+
+
+#: Connections the metrics endpoint serves at once; more are closed as they are accepted.
+METRICS_MAX_CONNECTIONS = 8
+#: Seconds a metrics connection may sit idle (or dribble a request) before it is closed.
+METRICS_TIMEOUT = 5.0
+
+
+class _MetricsHandler(BaseHTTPRequestHandler):
+    """``GET /metrics`` (and ``/``): the registry in the Prometheus text format. A socket
+    timeout (:data:`METRICS_TIMEOUT`) ends idle and slow connections."""
+
+    timeout = METRICS_TIMEOUT
+    registry: Any = REGISTRY
+    protocol_version = "HTTP/1.0"  # one request per connection: nothing is held open after it
+
+    def do_GET(self) -> None:  # noqa: N802 - the name http.server calls
+        if self.path.split("?", 1)[0] not in ("/", "/metrics"):
+            self.send_error(404)
+            return
+        body = generate_latest(self.registry)
+        self.send_response(200)
+        self.send_header("Content-Type", CONTENT_TYPE_LATEST)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - http.server's signature
+        pass  # scrapes are not logged
+
+
+class BoundedMetricsServer(ThreadingHTTPServer):
+    """A ``ThreadingHTTPServer`` with at most ``max_connections`` connections being served
+    (a thread each); a connection beyond that is closed as soon as it is accepted, so idle
+    or slow peers can hold neither threads nor descriptors without limit. (prometheus-client's
+    ``start_http_server`` takes one thread per connection with no timeout: about 1,000 idle
+    connections used up the process's descriptors, issue 13.)"""
+
+    daemon_threads = True
+    request_queue_size = 16
+
+    def __init__(self, address: tuple[str, int], handler: type, max_connections: int = METRICS_MAX_CONNECTIONS):
+        self.address_family = socket.AF_INET6 if ":" in address[0] else socket.AF_INET
+        self._slots = threading.BoundedSemaphore(max_connections)
+        super().__init__(address, handler)
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        if not self._slots.acquire(blocking=False):
+            self.shutdown_request(request)  # full: close at once
+            return
+        try:
+            super().process_request(request, client_address)
+        except Exception:
+            self._slots.release()
+            raise
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self._slots.release()
+
+
+def serve_metrics(host: str, port: int, registry: Any = None) -> BoundedMetricsServer:
+    """Serve ``GET /metrics`` of ``registry`` (default: this process's) on ``host:port`` in a
+    daemon thread, bounded by :class:`BoundedMetricsServer`; returns the server (``port``
+    0: see ``server.server_address``)."""
+    handler = type("Handler", (_MetricsHandler,), {"registry": registry if registry is not None else REGISTRY})
+    server = BoundedMetricsServer((host, port), handler)
+    threading.Thread(target=server.serve_forever, name="metrics-http", daemon=True).start()
+    return server

@@ -13,7 +13,7 @@ from .backends.base import KeyBackend
 from .config import Settings
 from .htu import HtuPolicy
 from .keys import KeySlot, build_backends, resolve_key_slots
-from .policy import Caller, RateLimiter
+from .policy import UNBOUNDED_IN_FLIGHT, Caller, RateLimiter
 from .rotation import AssertionKeys, RegistrationBook
 from .signing import Profile
 
@@ -65,7 +65,9 @@ def build_runtime(settings: Settings) -> Runtime:
     }
     callers = build_callers(settings)
     if settings.server.insecure and not settings.server.insecure_caller:
-        callers[IMPLICIT_INSECURE_CALLER] = Caller(IMPLICIT_INSECURE_CALLER, frozenset(profiles))
+        callers[IMPLICIT_INSECURE_CALLER] = Caller(
+            IMPLICIT_INSECURE_CALLER, frozenset(profiles), max_in_flight=UNBOUNDED_IN_FLIGHT
+        )
     tls_callers = {n: callers[name] for name, c in settings.callers.items() for n in c.tls_names}
     return Runtime(settings, backends, slots, profiles, callers, tls_callers, book)
 
@@ -77,7 +79,7 @@ def build_callers(settings: Settings) -> dict[str, Caller]:
         limiter = None
         if c.rate_limit is not None:
             limiter = RateLimiter(c.rate_limit, c.rate_burst or max(1, int(c.rate_limit)))
-        callers[name] = Caller(name, frozenset(c.profiles), limiter)
+        callers[name] = Caller(name, frozenset(c.profiles), limiter, c.max_in_flight)
     return callers
 
 

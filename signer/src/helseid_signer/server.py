@@ -14,6 +14,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import resource
 import signal
 import threading
 import time
@@ -29,7 +30,7 @@ from helseid_signer_client.proto import signer_pb2
 
 from . import metrics
 from .audit import AuditLog
-from .backends.base import BackendError, DriftReporter, KeyBackend, Prober
+from .backends.base import BackendError, DriftReporter, KeyBackend, OwnSigningThread, Prober
 from .config import (
     ConfigError,
     ServerSettings,
@@ -63,15 +64,44 @@ MAX_CONNECTION_AGE_GRACE_MS = 30_000
 STOP_GRACE = 5.0  # seconds in-flight requests get after SIGTERM
 PROBE_TIMEOUT = 3.0  # seconds a health probe signature may take
 DRIFT_CHECK_INTERVAL = 300.0  # seconds between asking cloud backends whether a pinned key moved on
+#: Descriptors kept for everything but TCP connections (token store files, audit, metrics, logs).
+FD_RESERVE = 256
+#: Health.Watch streams one configured caller may hold open at once (per process).
+WATCHES_PER_CALLER = 4
+#: How often (seconds) the server looks for a backend whose call has run past its call_timeout.
+STALL_CHECK_INTERVAL = 0.25
+#: Seconds a reload may take to build the new configuration (resolve its keys).
+RELOAD_TIMEOUT = 30.0
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 
 
-def _new_server(settings: Settings, reuse_port: bool = False) -> grpc.aio.Server:
+def connection_cap() -> int:
+    """Connections the TCP listener accepts at once: the process's descriptor limit less
+    :data:`FD_RESERVE`, so peers holding connections (each a descriptor) can never take the
+    descriptors the key store, the audit file and the metrics port need (issue 13: about
+    1,000 idle connections used up the descriptors and SoftHSM itself failed). Beyond it a
+    new connection is closed at once; open connections go on."""
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY:
+        return 1 << 20
+    return max(16, soft - FD_RESERVE)
+
+
+def _new_server(settings: Settings, reuse_port: bool = False, tcp: bool = False) -> grpc.aio.Server:
+    # Only the TCP listener is capped: a caller's Unix socket is reachable by its owner only.
+    capped = [("grpc.max_allowed_incoming_connections", connection_cap())] if tcp else []
     return grpc.aio.server(
+        # Unset by default: gRPC counts it before anyone is identified, so a peer that fills
+        # it refuses every caller. Admission is per caller instead (policy.InFlight) and
+        # Health.Watch is capped (HealthFront).
         maximum_concurrent_rpcs=settings.server.max_concurrent_rpcs,
         options=[
             ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+            # No cap on HTTP/2 streams per connection (SETTINGS_MAX_CONCURRENT_STREAMS): what can
+            # hold a stream is bounded by identity instead (max_in_flight, Health.Watch), and a
+            # cap would queue a busy caller's calls in its client, where the drain on SIGTERM
+            # cannot see them (tests/service/test_lifecycle.py failed with a cap of 100).
             ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
             # SO_REUSEPORT only for the worker processes of one supervisor (which reserved the
             # port): a single server must fail to start on a port another instance holds.
@@ -80,6 +110,7 @@ def _new_server(settings: Settings, reuse_port: bool = False) -> grpc.aio.Server
             # with round_robin over DNS also reach replicas added after they connected.
             ("grpc.max_connection_age_ms", MAX_CONNECTION_AGE_MS),
             ("grpc.max_connection_age_grace_ms", MAX_CONNECTION_AGE_GRACE_MS),
+            *capped,
         ],
     )
 
@@ -88,6 +119,50 @@ def _listeners(settings: Settings) -> tuple:
     s = settings.server
     sockets = tuple(sorted((n, c.unix_socket) for n, c in settings.callers.items() if c.unix_socket))
     return (s.listen, s.insecure, s.insecure_caller, s.workers, s.reflection, sockets)
+
+
+class HealthFront(health_pb2_grpc.HealthServicer):
+    """``grpc.health.v1.Health`` on one listener, in front of the process's one status
+    (``health.aio.HealthServicer``), on terms that cannot starve signing:
+
+    * ``Check`` for any peer that reached the listener (a unary answer from memory; the
+      probe socket and load balancers use it);
+    * ``Watch`` (a stream that stays open) only for a configured caller, at most
+      :data:`WATCHES_PER_CALLER` at once per caller: an unknown peer gets
+      UNAUTHENTICATED, more get RESOURCE_EXHAUSTED - so no peer can hold open streams
+      without limit (issue 13: 1,000 Watch streams of a trusted but unlisted certificate
+      filled ``max_concurrent_rpcs`` and every caller got RESOURCE_EXHAUSTED).
+    """
+
+    def __init__(self, status: health.aio.HealthServicer, identify: Identify, watches: dict[str, int]) -> None:
+        self._status = status
+        self._identify = identify
+        self._watches = watches  # caller name -> open Watch streams (shared by every listener)
+
+    async def Check(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        """The status of ``request.service`` (NOT_FOUND for a name never set)."""
+        return await self._status.Check(request, context)
+
+    async def Watch(self, request: Any, context: grpc.aio.ServicerContext) -> None:
+        """Stream the status of ``request.service`` - configured callers only, capped."""
+        caller = self._identify(context)
+        if caller is None:
+            await context.abort(
+                grpc.StatusCode.UNAUTHENTICATED, "Health.Watch is for configured callers; use Health.Check"
+            )
+        open_streams = self._watches.get(caller.name, 0)
+        if open_streams >= WATCHES_PER_CALLER:
+            await context.abort(
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"more than {WATCHES_PER_CALLER} Health.Watch streams of this caller; use Health.Check",
+            )
+        self._watches[caller.name] = open_streams + 1
+        try:
+            await self._status.Watch(request, context)
+        finally:
+            self._watches[caller.name] -= 1
+            if not self._watches[caller.name]:
+                del self._watches[caller.name]
 
 
 class Server:
@@ -107,6 +182,7 @@ class Server:
         self.holder = RuntimeHolder(build_runtime(settings), self._audit_log(settings))
         self.executor = ThreadPoolExecutor(max_workers=8, thread_name_prefix="sign")
         self.health = health.aio.HealthServicer()
+        self._watches: dict[str, int] = {}  # Health.Watch streams per caller (HealthFront)
         self.calls = CallTracker()  # SignerService calls in progress, for the drain on SIGTERM
         self.servers: list[grpc.aio.Server] = []
         self.addresses: list[str] = []
@@ -123,13 +199,16 @@ class Server:
     @staticmethod
     def _audit_log(settings: Settings) -> AuditLog:
         return AuditLog(
-            settings.audit.path, fail_closed=settings.audit.on_failure == "fail_closed", fsync=settings.audit.fsync
+            settings.audit.path,
+            fail_closed=settings.audit.on_failure == "fail_closed",
+            fsync=settings.audit.fsync,
+            refusal_interval=settings.audit.refusal_interval,
         )
 
-    def _new_grpc_server(self, identify: Identify) -> grpc.aio.Server:
-        server = _new_server(self.settings, reuse_port=self.is_worker)
+    def _new_grpc_server(self, identify: Identify, tcp: bool = False) -> grpc.aio.Server:
+        server = _new_server(self.settings, reuse_port=self.is_worker, tcp=tcp)
         add_to_server(SignerServicer(self.holder, self.executor, identify), server, self.calls)
-        health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
+        health_pb2_grpc.add_HealthServicer_to_server(HealthFront(self.health, identify, self._watches), server)
         if self.settings.server.reflection:
             from grpc_reflection.v1alpha import reflection
 
@@ -155,11 +234,13 @@ class Server:
                         target,
                         name,
                     )
-                    bound = self._new_grpc_server(named_identifier(self.holder, name)).add_insecure_port(target)
+                    bound = self._new_grpc_server(named_identifier(self.holder, name), tcp=True).add_insecure_port(
+                        target
+                    )
                 else:
                     self.tls = TlsFiles(server_settings)
                     _publish_tls_expiry(server_settings)
-                    grpc_server = self._new_grpc_server(tls_identifier(self.holder))
+                    grpc_server = self._new_grpc_server(tls_identifier(self.holder), tcp=True)
                     bound = grpc_server.add_secure_port(target, self.tls.credentials())
             except RuntimeError as exc:  # grpcio: "Failed to bind to address ..."
                 bound = 0
@@ -205,8 +286,8 @@ class Server:
         loop = asyncio.get_running_loop()
         now = time.monotonic()
         for slot in runtime.slots.values():
-            if slot.key is None and now >= slot.next_attempt:
-                if await loop.run_in_executor(self.executor, slot.try_resolve, now):
+            if slot.key is None and now >= slot.next_attempt and not self._hung(slot.backend):
+                if await self._bounded(self.executor, slot.try_resolve, now):
                     log.info("key %s resolved: kid %s", slot.name, slot.key.kid)
                 else:
                     log.warning("key %s still unavailable (next attempt in %.0f s): %s", slot.name,
@@ -237,8 +318,16 @@ class Server:
             pending = [s for s in runtime.slots.values() if s.backend is backend and s.key is None]
             probe = backend.probe if isinstance(backend, Prober) else self._probe_fallback(runtime, backend)
             # Always probe, also while another key of this backend is pending: the probe is
-            # what finds a replaced key restored (PKCS#11) and clears its state.
-            probed = await loop.run_in_executor(self.executor, probe)
+            # what finds a replaced key restored (PKCS#11) and clears its state. A backend
+            # with a signing thread of its own is probed there, behind its signatures, and
+            # not at all while a call on it has run past call_timeout.
+            if isinstance(backend, OwnSigningThread):
+                try:  # behind the queued signatures; given up only when a call there hangs
+                    probed = await backend.sign_executor.call(backend.call_timeout, None, probe)
+                except BackendError:
+                    probed = False
+            else:
+                probed = await loop.run_in_executor(self.executor, probe)
             ok = probed and not pending
             statuses[f"backend:{scheme}"] = bool(ok)
             metrics.BACKEND_UP.labels(scheme).set(1 if ok else 0)
@@ -249,6 +338,43 @@ class Server:
                     log.warning("%s is now %s", name, "SERVING" if ok else "NOT_SERVING")
                 await self.health.set(name, SERVING if ok else NOT_SERVING)
         self._statuses = {**statuses, **rotation_ok, "": overall, SERVICE_NAME: overall}
+
+    @staticmethod
+    def _hung(backend: KeyBackend) -> bool:
+        """True while a call on the backend's own signing thread has run past its call_timeout."""
+        return isinstance(backend, OwnSigningThread) and backend.sign_executor.busy_for() > backend.call_timeout
+
+    async def _bounded(self, executor: Any, fn: Callable[..., Any], *args: Any, timeout: float = PROBE_TIMEOUT) -> Any:
+        """``fn(*args)`` on ``executor``, waited for at most ``timeout`` seconds (False after
+        that: the call may hang in a key store, and the health check must go on)."""
+        future = executor.submit(fn, *args)
+        try:
+            return await asyncio.wait_for(asyncio.wrap_future(future), timeout)
+        except TimeoutError:
+            future.cancel()
+            log.warning("%s did not return within %.1f s", getattr(fn, "__qualname__", fn), timeout)
+            return False
+
+    async def stall_loop(self) -> None:
+        """Every :data:`STALL_CHECK_INTERVAL` s: a backend whose signing thread has run one
+        call past its ``call_timeout`` is shown NOT_SERVING at once (with the overall status),
+        so load balancers and clients move away within ``call_timeout`` plus this interval.
+        The next health check that can probe it again restores it."""
+        while True:
+            await asyncio.sleep(STALL_CHECK_INTERVAL)
+            for scheme, backend in self.holder.runtime.backends.items():
+                name = f"backend:{scheme}"
+                if self._hung(backend) and self._statuses.get(name, True):
+                    log.error(
+                        "%s is hung: a call has run %.1f s (call_timeout %g s); NOT_SERVING",
+                        name,
+                        backend.sign_executor.busy_for(),  # type: ignore[attr-defined]
+                        backend.call_timeout,  # type: ignore[attr-defined]
+                    )
+                    metrics.BACKEND_UP.labels(scheme).set(0)
+                    for status in (name, "", SERVICE_NAME):
+                        self._statuses[status] = False
+                        await self.health.set(status, NOT_SERVING)
 
     @staticmethod
     def _probe_fallback(runtime: Runtime, backend: KeyBackend) -> Callable[[], bool]:
@@ -293,6 +419,7 @@ class Server:
             try:
                 async with self._reload_lock:  # never a check of a configuration a reload replaced
                     self._close_retired()
+                    self.holder.current.audit.flush_refusals()
                     await self.check_health()
             except Exception:
                 log.exception("health check failed")
@@ -320,7 +447,19 @@ class Server:
             settings = load_settings(self.config_path)
             if _listeners(settings) != _listeners(self.settings):
                 raise ConfigError("listener settings changed (listen, insecure, workers, sockets): restart to apply")
-            runtime = await loop.run_in_executor(self.executor, build_runtime, settings)
+            hung = [s for s, b in self.holder.runtime.backends.items() if self._hung(b)]
+            if hung:
+                raise ConfigError(f"backend(s) {hung} hung in a call (call_timeout passed); retry once they answer")
+            building = loop.run_in_executor(self.executor, build_runtime, settings)
+            try:
+                runtime = await asyncio.wait_for(asyncio.shield(building), RELOAD_TIMEOUT)
+            except TimeoutError:
+                # A key store hangs while the new keys are resolved: refuse now; whatever the
+                # late build returns is closed when it returns.
+                building.add_done_callback(_close_late_runtime)
+                raise ConfigError(
+                    f"resolving the keys took more than {RELOAD_TIMEOUT:g} s (a key store hangs?)"
+                ) from None
             pending = [slot.name for slot in runtime.slots.values() if slot.key is None]
             if pending:
                 raise ConfigError(f"keys {pending} cannot be resolved now; the running configuration can still sign")
@@ -374,13 +513,18 @@ class Server:
                 backend.close()
         self._retired = keep
 
+    def hung(self) -> bool:
+        """True while a call on some backend's own signing thread has run past its call_timeout."""
+        return any(self._hung(b) for b in self.holder.runtime.backends.values())
+
     async def stop(self, grace: float = STOP_GRACE) -> None:
         """Health NOT_SERVING first, answer every call that has arrived (drain.py), then stop:
         calls still running get ``grace`` s."""
         self._stopping = True
         log.info("stopping: health NOT_SERVING, draining in-flight requests")
         await drain_and_stop(self.servers, self.health, self.calls, grace=grace)  # see drain.py
-        self.executor.shutdown(wait=True)
+        # Never wait for a call that hangs in a key store: stop in bounded time.
+        self.executor.shutdown(wait=not self.hung(), cancel_futures=True)
         self._close_retired(force=True)
         self.holder.current.audit.close()
         for backend in self.holder.runtime.backends.values():
@@ -440,19 +584,33 @@ async def serve(
         if reload_pending is not None and reload_pending.is_set():
             start_reload()
     health_task = loop.create_task(server.health_loop(settings.server.health_interval))
+    stall_task = loop.create_task(server.stall_loop())
     await stop.wait()
     if own_signals:  # stopping: no more reloads, and a late SIGHUP (forwarded by a supervisor) cannot kill us
         loop.remove_signal_handler(signal.SIGHUP)
         signal.signal(signal.SIGHUP, signal.SIG_IGN)
     health_task.cancel()
+    stall_task.cancel()
     await server.stop()
+    if own_signals and server.hung():
+        # A thread is stuck in a key store call that cannot be cancelled; the interpreter would
+        # wait for it at exit. Every answered request has its audit record; leave now.
+        log.error("stopped with a key store call still hanging; exiting without waiting for it")
+        logging.shutdown()
+        os._exit(0)
 
 
 def start_metrics_server(listen: str, registry: Any = None) -> None:
-    """Serve ``GET /metrics`` on ``listen`` (host:port) in a daemon thread."""
-    import prometheus_client
-
+    """Serve ``GET /metrics`` on ``listen`` (host:port) in a daemon thread, with bounded
+    connections and timeouts (:func:`.metrics.serve_metrics`)."""
     host, port = parse_listen(listen)
-    kwargs = {"registry": registry} if registry is not None else {}
-    prometheus_client.start_http_server(port, addr=host, **kwargs)
+    metrics.serve_metrics(host, port, registry)
     log.info("metrics on http://%s/metrics", listen)
+
+
+def _close_late_runtime(building: Any) -> None:
+    """Close the backends of a runtime a timed-out reload built after all."""
+    if building.cancelled() or building.exception() is not None:
+        return
+    for backend in building.result().backends.values():
+        backend.close()

@@ -2,15 +2,19 @@
 
 Each request passes, in order (:meth:`SignerServicer._call`):
 
-1. parsing (a request that does not parse gets INVALID_ARGUMENT, not UNKNOWN);
-2. the caller's identity (UNAUTHENTICATED when unknown) and whether it may use the
-   profile (PERMISSION_DENIED, same message whether the profile exists or not), and its
-   rate limit (RESOURCE_EXHAUSTED);
+1. parsing (a request that does not parse gets INVALID_ARGUMENT, not UNKNOWN; checked
+   after admission);
+2. admission, before any other work: the caller's identity (UNAUTHENTICATED when
+   unknown), its rate limit and its requests in flight (RESOURCE_EXHAUSTED); then whether
+   it may use the profile (PERMISSION_DENIED, same message whether the profile exists or
+   not);
 3. the signing core (:mod:`.signing`): the profile's rules for the request fields
    (INVALID_ARGUMENT when malformed, PERMISSION_DENIED when well-formed but not allowed),
    the claims and the key;
 4. signing in the key's backend, bounded by the caller's deadline;
-5. the audit record - with ``fail_closed`` a JWS is returned only once it is written.
+5. the audit record - with ``fail_closed`` a JWS is returned only once it is written (with
+   ``fsync`` or to stdout on the audit log's writer thread); refusals are counted into bounded
+   records (:class:`~.audit.RefusalCounter`) and never wait for the file.
 
 Errors map to gRPC status codes through :func:`~.errors.refusal`, the one table every
 adapter uses.
@@ -34,12 +38,12 @@ from helseid_signer_client.proto import signer_pb2 as pb
 
 from . import metrics, signing
 from .audit import AuditError
-from .backends.base import BackendError
+from .backends.base import BackendError, WatchedExecutor
 from .claims import check_profile_name
 from .drain import CallTracker
 from .errors import RequestError, refusal
 from .identity import Identify, certificate_fingerprint
-from .policy import check_caller_may_use
+from .policy import InFlight, admit, check_caller_may_use
 from .runtime import ServiceState, Snapshot
 from .signing import Profile, Signable
 
@@ -110,6 +114,7 @@ class SignerServicer:
         self._executor = executor
         self._identify = identify
         self._clock = clock
+        self._in_flight = InFlight()
 
     async def _sign(self, signable: Signable, deadline: float | None) -> str:
         key = signable.key
@@ -117,26 +122,45 @@ class SignerServicer:
             jws = signing.sign_now(signable)
             if jws is not None:
                 return jws
+        executor = key.executor or self._executor
+        if key.call_timeout is not None and isinstance(executor, WatchedExecutor):
+            # A call into a hung module cannot be cancelled: the request gets UNAVAILABLE in
+            # time (clients retry it on another replica) instead of DEADLINE_EXCEEDED, and
+            # nothing more queues behind a call that has run past call_timeout.
+            return await executor.call(key.call_timeout, deadline, signing.sign, signable, deadline)
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(key.executor or self._executor, signing.sign, signable, deadline)
+        return await loop.run_in_executor(executor, signing.sign, signable, deadline)
 
     async def _call(self, context: grpc.aio.ServicerContext, purpose: str, request: Any, work: Work) -> Any:
         started = time.perf_counter()
         record: dict[str, Any] = {"caller": None, "profile": None, "purpose": purpose}
         state = self._state.current  # one configuration generation for the whole request
-        state.calls[0] += 1
+        # Admission first (identity, rate, requests in flight): a request refused here costs
+        # no parsing, no signing, and at most a count in the audit trail (audit.RefusalCounter).
         try:
             caller = self._identify(context)
             record["caller"] = caller.name if caller else None
             if certificate := certificate_fingerprint(context):  # which certificate, not only whose name
                 record["certificate"] = certificate
+            caller = admit(caller)
+            self._in_flight.enter(caller)
+        except RequestError as exc:
+            await self._refuse(context, state, record, started, refusal(exc))
+            raise AssertionError("unreachable") from None  # context.abort always raises
+        except Exception as exc:  # e.g. a certificate that does not parse
+            ref = secrets.token_hex(4)
+            log.exception("internal error identifying the caller of %s (ref %s)", purpose, ref)
+            record["ref"] = ref
+            await self._refuse(context, state, record, started, refusal(exc, ref))
+            raise AssertionError("unreachable") from None
+        state.calls[0] += 1
+        try:
             if isinstance(request, MalformedRequest):
                 raise RequestError(
                     "request",
                     f"is not a valid {request.message_type} (malformed protobuf, or a string that is not UTF-8)",
                 )
-            if caller is not None:
-                record["profile"] = check_profile_name(request.profile)
+            record["profile"] = check_profile_name(request.profile)
             check_caller_may_use(caller, request.profile)
             profile = state.profiles.get(request.profile)
             if profile is None:  # a reload in between removed it: as for any profile not allowed
@@ -147,7 +171,8 @@ class SignerServicer:
             deadline = None if remaining is None else time.monotonic() + remaining - min(0.5, 0.1 * remaining)
             response = await work(profile, request, record, deadline)
             record.update(outcome="signed" if "jti" in record else "answered", status="OK")
-            self._write_audit(state, record, started)
+            self._count(state, record, started)
+            await state.audit.write_async(record)  # the answer waits for its record
             return response
         except AuditError as exc:
             log.error("refusing to answer without an audit record: %s", exc)
@@ -169,9 +194,11 @@ class SignerServicer:
             await self._refuse(context, state, record, started, refusal(exc, ref))
         finally:
             state.calls[0] -= 1
+            self._in_flight.leave(caller)
         raise AssertionError("unreachable")  # context.abort always raises
 
-    def _write_audit(self, state: Snapshot, record: dict[str, Any], started: float) -> None:
+    @staticmethod
+    def _count(state: Snapshot, record: dict[str, Any], started: float) -> None:
         elapsed = time.perf_counter() - started
         record["latency_ms"] = round(elapsed * 1000, 3)
         # Only configured profile names become label values: callers cannot inflate the label set.
@@ -180,15 +207,21 @@ class SignerServicer:
             profile, record["purpose"], record.get("alg", ""), record.get("backend", ""), record["status"]
         ).inc()
         metrics.REQUEST_SECONDS.labels(record["purpose"]).observe(elapsed)
-        state.audit.write(record)
 
     async def _refuse(self, context: Any, state: Snapshot, record: dict, started: float, answer: Any) -> None:
         record.update(outcome=answer.outcome, status=answer.code, error=answer.message)
         # Per caller, so an operator sees who hit a rate limit. record["caller"] comes from the
         # identifier, which returns configured callers only: the label set stays bounded.
         metrics.CALLER_REFUSALS.labels(record["caller"] or "-", answer.code).inc()
+        self._count(state, record, started)
+        # A refusal is counted, not each written: only the first of its kind in an interval
+        # gets a record of its own (audit.RefusalCounter), so a flood of refusals cannot fill
+        # the audit volume. A failure (backend, internal) keeps its own record: its ref is
+        # what the caller was told.
+        records = state.audit.refusals.note(record) if answer.outcome == "refused" else [record]
         try:
-            self._write_audit(state, record, started)
+            for entry in records:
+                await state.audit.write_async(entry)  # off the event loop
         except AuditError as exc:  # the request is refused anyway; say so in the log
             log.error("audit record of a refusal not written: %s", exc)
         await context.abort(grpc.StatusCode[answer.code], answer.message)

@@ -14,8 +14,11 @@ with ``isinstance``. Modelled on smallstep ``crypto/kms/apiv1``.
 
 from __future__ import annotations
 
+import asyncio
 import importlib
-from concurrent.futures import Executor
+import threading
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Protocol, runtime_checkable
 
@@ -197,12 +200,89 @@ class DriftReporter(Protocol):
 class OwnSigningThread(Protocol):
     """Optional: the backend's signatures must run on an executor of its own (PKCS#11: one
     thread per module, since every Cryptoki call into a module is serialised anyway). The
-    service hands each signature there instead of to its shared pool."""
+    service hands each signature there instead of to its shared pool.
+
+    A call into such a backend cannot be cancelled, and one that hangs holds every call
+    behind it: so the executor tells how long its running call has run
+    (:class:`WatchedExecutor`), and ``call_timeout`` says how long is too long. Past it the
+    backend counts as hung: health NOT_SERVING, requests UNAVAILABLE at once (clients fail
+    over), reload refused, the process exits on SIGTERM without waiting for the call."""
 
     @property
-    def sign_executor(self) -> Executor:
+    def sign_executor(self) -> WatchedExecutor:
         """The executor that runs this backend's :meth:`KeyBackend.sign` calls."""
         ...
+
+    @property
+    def call_timeout(self) -> float:
+        """Seconds one call may run before the backend counts as hung."""
+        ...
+
+
+class WatchedExecutor(ThreadPoolExecutor):
+    """A thread pool that knows how long its longest-running task has been running
+    (:meth:`busy_for`), so that a task stuck in a call that cannot be cancelled (a hung
+    PKCS#11 module) is seen from outside."""
+
+    def __init__(self, max_workers: int, thread_name_prefix: str = "") -> None:
+        super().__init__(max_workers=max_workers, thread_name_prefix=thread_name_prefix)
+        self._running: dict[int, float] = {}
+        self._running_lock = threading.Lock()
+        self._next = 0
+
+    def submit(self, fn: Any, /, *args: Any, **kwargs: Any) -> Future:  # type: ignore[override]
+        """As :meth:`ThreadPoolExecutor.submit`, with the task's running time recorded."""
+
+        def run() -> Any:
+            with self._running_lock:
+                self._next += 1
+                token = self._next
+                self._running[token] = time.monotonic()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                with self._running_lock:
+                    del self._running[token]
+
+        return super().submit(run)
+
+    def busy_for(self) -> float:
+        """Seconds the longest-running task has been running; 0.0 when idle."""
+        with self._running_lock:
+            oldest = min(self._running.values(), default=None)
+        return 0.0 if oldest is None else time.monotonic() - oldest
+
+    async def call(self, call_timeout: float, deadline: float | None, fn: Any, *args: Any) -> Any:
+        """``fn(*args)`` on this pool, awaited on the event loop. Waiting in the queue is fine
+        while the pool makes progress; BackendUnavailableError instead when a task here has run
+        past ``call_timeout`` seconds (a call that hangs: at once, or as soon as it is seen
+        while waiting) or when ``deadline`` (``time.monotonic()``) comes first. A task still
+        queued then is cancelled; one already running cannot be."""
+        busy = self.busy_for()
+        if busy > call_timeout:
+            raise BackendUnavailableError(
+                f"the key store has not answered for {busy:.1f} s (call_timeout {call_timeout:g} s)"
+            )
+        future = self.submit(fn, *args)
+        waited = asyncio.wrap_future(future)
+        try:
+            while True:
+                wait = call_timeout if deadline is None else min(call_timeout, deadline - time.monotonic())
+                if wait <= 0:
+                    future.cancel()
+                    raise BackendUnavailableError("the key store did not answer before the caller's deadline")
+                done, _ = await asyncio.wait({waited}, timeout=wait)
+                if done:
+                    return waited.result()
+                busy = self.busy_for()
+                if busy > call_timeout:
+                    future.cancel()
+                    raise BackendUnavailableError(
+                        f"the key store has not answered for {busy:.1f} s (call_timeout {call_timeout:g} s)"
+                    )
+        except asyncio.CancelledError:
+            future.cancel()
+            raise
 
 
 @runtime_checkable

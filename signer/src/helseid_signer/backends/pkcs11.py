@@ -44,10 +44,9 @@ import secrets
 import struct
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Annotated, Any, ClassVar
 from urllib.parse import unquote, unquote_to_bytes
 
 import pkcs11
@@ -58,7 +57,7 @@ from pkcs11 import MGF, Attribute, KeyType, Mechanism, ObjectClass
 from pkcs11.attributes import AttributeMapper
 from pkcs11.exceptions import PKCS11Error
 from pkcs11.util.ec import encode_named_curve_parameters
-from pydantic import model_validator
+from pydantic import Field, model_validator
 
 from .. import metrics
 from ..algorithms import ALGORITHMS, CURVES, CURVES_BY_OID, Algorithm, AlgorithmError, Padding, PublicKey
@@ -71,6 +70,7 @@ from .base import (
     KeyNotFoundError,
     KeyReplacedError,
     ResolvedKey,
+    WatchedExecutor,
 )
 
 _BAD_PCT = re.compile(r"%(?![0-9A-Fa-f]{2})")
@@ -125,14 +125,15 @@ def module_lock(module_path: str) -> threading.RLock:
 
 
 #: One signing thread per loaded module path (see :meth:`Pkcs11Backend.sign_executor`).
-_MODULE_EXECUTORS: dict[str, ThreadPoolExecutor] = {}
+_MODULE_EXECUTORS: dict[str, WatchedExecutor] = {}
 
 
-def module_executor(module_path: str) -> ThreadPoolExecutor:
-    """The process-wide single thread that the service hands signatures in ``module_path`` to."""
+def module_executor(module_path: str) -> WatchedExecutor:
+    """The process-wide single thread that the service hands signatures in ``module_path`` to
+    (and the health probe): it tells how long its running Cryptoki call has run."""
     with _MODULE_LOCKS_GUARD:
         if module_path not in _MODULE_EXECUTORS:
-            _MODULE_EXECUTORS[module_path] = ThreadPoolExecutor(max_workers=1, thread_name_prefix="pkcs11-sign")
+            _MODULE_EXECUTORS[module_path] = WatchedExecutor(max_workers=1, thread_name_prefix="pkcs11-sign")
         return _MODULE_EXECUTORS[module_path]
 
 
@@ -235,6 +236,7 @@ def _attr_bytes(obj: Any, attribute: Attribute) -> bytes:
 
 
 RECOVERY_INTERVAL = 0.5  # seconds between attempts to re-initialise Cryptoki
+CALL_TIMEOUT = 2.0  # seconds one Cryptoki call may run before the backend counts as hung
 PKCS11_SIGN_ALLOWANCE = 0.1  # seconds a recovery and a signature take at most, for deadline checks
 _SPKI = (serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
 
@@ -375,6 +377,9 @@ class Pkcs11Settings(BackendSettings):
     #: Sign on the worker's event loop when the module is idle (docs/configuration.md):
     #: faster for modules that compute in the process, a stall risk for network HSMs.
     sign_on_event_loop: Bool = False
+    #: Seconds one Cryptoki call may run before the backend counts as hung (health
+    #: NOT_SERVING, waiting requests UNAVAILABLE, reload refused; docs/configuration.md).
+    call_timeout: Annotated[float, Field(ge=0.1, le=300)] = CALL_TIMEOUT
 
     @model_validator(mode="after")
     def _one_pin_source(self) -> Pkcs11Settings:
@@ -398,6 +403,8 @@ class Pkcs11Backend:
             of handing each signature to the module's signing thread (``[backends.pkcs11]
             sign_on_event_loop``; only for modules that compute in the process on a store no
             other process locks, see docs/configuration.md).
+        call_timeout: seconds one call may run on the signing thread before the backend
+            counts as hung (:class:`~.base.OwnSigningThread`).
 
     Raises BackendConfigError when neither PIN source is usable.
     """
@@ -411,6 +418,7 @@ class Pkcs11Backend:
         pin_env: str | None = None,
         pin_file: str | None = None,
         sign_on_event_loop: bool = False,
+        call_timeout: float = 2.0,
     ) -> None:
         # One Cryptoki instance and one lock per module FILE: a symlink and its target
         # (/usr/lib/softhsm/libsofthsm2.so -> .../x86_64-linux-gnu/...) are the same module.
@@ -418,6 +426,7 @@ class Pkcs11Backend:
         self._pin_env = pin_env
         self._pin_file = pin_file
         self.sign_on_event_loop = sign_on_event_loop
+        self.call_timeout = call_timeout
         self._lock = module_lock(self.module_path)
         self._lib: Any = None
         self._sessions: dict[tuple[str | None, str | None], Any] = {}
@@ -427,7 +436,7 @@ class Pkcs11Backend:
         self._last_rescan = 0.0
 
     @property
-    def sign_executor(self) -> ThreadPoolExecutor:
+    def sign_executor(self) -> WatchedExecutor:
         """Where the service runs this backend's signatures: ONE thread per module. Every call
         is serialised by the module lock anyway; one thread taking them in turn spares the
         GIL and lock hand-offs of several threads queueing on that lock (server CPU per
