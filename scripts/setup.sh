@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Installs everything the demo and the tests need, on a machine that has none of it:
-#   - Debian packages: softhsm2 (the PKCS#11 token for development and tests), nodejs + npm
+#   - Debian packages: softhsm2 (the PKCS#11 token for development and tests), nodejs + npm,
+#     prometheus (its promtool tests the shipped alert rules)
 #   - .venv/: both distributions (editable) and the test tools, pinned by requirements/constraints.txt
 #   - authserver/node_modules: the pinned npm oidc-provider (package-lock.json)
 # Idempotent and quick when nothing changed. A tool that cannot be installed is an error.
@@ -14,6 +15,7 @@ missing=()
 [ -e /usr/lib/softhsm/libsofthsm2.so ] && command -v softhsm2-util >/dev/null || missing+=(softhsm2)
 command -v node >/dev/null || missing+=(nodejs)
 command -v npm >/dev/null || missing+=(npm)
+command -v promtool >/dev/null || missing+=(prometheus)
 python3 -c 'import venv, ensurepip' 2>/dev/null || missing+=(python3-venv)
 if [ ${#missing[@]} -gt 0 ]; then
   say "installing Debian packages: ${missing[*]}"
@@ -21,7 +23,7 @@ if [ ${#missing[@]} -gt 0 ]; then
   $SUDO apt-get update -qq
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 fi
-for tool in softhsm2-util node npm python3; do
+for tool in softhsm2-util node npm python3 promtool; do
   command -v "$tool" >/dev/null || { echo "[setup] ERROR: $tool is still missing" >&2; exit 1; }
 done
 node_major=$(node -p 'process.versions.node.split(".")[0]')

@@ -42,6 +42,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
+from . import metrics
 from .jwt import b64url
 
 log = logging.getLogger("helseid_signer.audit")
@@ -113,6 +114,7 @@ class AuditLog:
                 # line and in a new chain (the fragment is no record; the old chain ends before it).
                 self._partial = self._partial or written > 0
                 self._new_chain()
+                metrics.AUDIT_WRITE_FAILURES.inc()
                 if self.fail_closed:
                     raise AuditError(f"audit record not written: {exc}") from exc
                 log.error("audit record not written: %s", exc)

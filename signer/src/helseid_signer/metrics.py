@@ -14,7 +14,14 @@ Names and labels (no label ever holds a token, a key or a caller-chosen free tex
 * ``helseid_signer_key_pinning_drift{key}`` - 1 when an alias now names another key or a
   newer key version exists (the pinned version keeps signing);
 * ``helseid_signer_key_registration_expiry_days{profile,key,kid,status}`` - days until a
-  published assertion key's HelseID registration expires (alert below 14).
+  published assertion key's HelseID registration expires (alert below 14);
+* ``helseid_signer_rotation_blocked{profile}`` - 1 while a next key is due
+  (``next_active_from`` passed) but not registered (or not available), so it cannot sign;
+* ``helseid_signer_audit_write_failures_total`` - audit records that could not be written;
+* ``helseid_signer_assertion_key_retries_total{profile,status}`` - client assertions asked
+  for with ``avoid_kid`` (HelseID refused the first), by gRPC status.
+
+``deploy/prometheus/helseid-signer-alerts.yaml`` holds alert rules on these.
 
 With several worker processes the metrics use prometheus-client's multiprocess mode: the
 supervisor sets ``PROMETHEUS_MULTIPROC_DIR`` before it spawns the workers and serves the
@@ -62,4 +69,16 @@ KEY_PINNING_DRIFT = Gauge(
     "1 when the key store has moved on from the pinned key version (alias moved, newer version).",
     ["key"],
     multiprocess_mode="livemostrecent",
+)
+ROTATION_BLOCKED = Gauge(
+    "helseid_signer_rotation_blocked",
+    "1 while a profile's next key is due but not registered with HelseID (it cannot sign).",
+    ["profile"],
+    multiprocess_mode="livemostrecent",
+)
+AUDIT_WRITE_FAILURES = Counter("helseid_signer_audit_write_failures", "Audit records that could not be written.")
+ASSERTION_KEY_RETRIES = Counter(
+    "helseid_signer_assertion_key_retries",
+    "Client assertions requested with avoid_kid (HelseID refused one by that key), by gRPC status.",
+    ["profile", "status"],
 )
