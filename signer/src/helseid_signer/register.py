@@ -47,6 +47,7 @@ from .local_signer import LocalSigner
 from .backends.base import BackendError, RegistrationStore
 from .rotation import (
     EXPIRY_WARNING_DAYS,
+    PENDING_SECONDS,
     SOURCE_PENDING,
     RegistrationRecord,
     days_to_expiry,
@@ -295,27 +296,31 @@ def _refuse_if_registered(runtime: Runtime, key: SigningKey, now: float) -> None
 
 def record_writer(
     settings: Settings, slot: KeySlot, records_dir: str | Path | None
-) -> tuple[str, Callable[[RegistrationRecord], str]]:
+) -> tuple[str, Callable[[RegistrationRecord], str], Callable[[], None]]:
     """Where ``keys register`` puts the record of ``slot``'s key, checked BEFORE anything is
     sent (so a key is never registered with HelseID without its record): ``records_dir``
-    when given (``--records-dir``); else beside the key in its key store when the backend
-    is a :class:`~.backends.base.RegistrationStore` (every replica reads it there); else
-    the configured ``[selfservice] records_dir``. Returns (where, in words; a function that
-    writes a record and returns where it went). RegistrationUsageError when there is no place."""
+    when given (``--records-dir``), else the configured ``[selfservice] records_dir`` (the
+    operator chose a folder); else beside the key in its key store when the backend is a
+    :class:`~.backends.base.RegistrationStore` (every replica reads it there). Returns
+    (where, in words; a function that writes a record and returns where it went; one that
+    removes it again). RegistrationUsageError when there is no place."""
     key = slot.get()
-    if records_dir is None and isinstance(slot.backend, RegistrationStore):
-        store = slot.backend
-        return store.registration_place(key.resolved, key.kid), lambda record: store.write_registration(
-            key.resolved, key.kid, record_json(record)
-        )
     folder = records_dir or (settings.selfservice.records_dir if settings.selfservice else None)
+    if folder is None and isinstance(slot.backend, RegistrationStore):
+        store = slot.backend
+        return (
+            store.registration_place(key.resolved, key.kid),
+            lambda record: store.write_registration(key.resolved, key.kid, record_json(record)),
+            lambda: store.delete_registration(key.resolved, key.kid),
+        )
     if folder is None:
         raise RegistrationUsageError(
             f"key {key.name}'s backend cannot keep registration records ({slot.backend.scheme}) and no "
             "[selfservice] records_dir is configured: set one (every replica must read it) or give --records-dir"
         )
     target = writable_records_dir(folder)
-    return str(target / f"{key.kid}.json"), lambda record: str(write_record(target, record))
+    path = target / f"{key.kid}.json"
+    return str(path), lambda record: str(write_record(target, record)), lambda: path.unlink(missing_ok=True)
 
 
 def takes_over(settings: Settings, profile: str) -> str:
@@ -380,13 +385,7 @@ def register_next_key(
                 f"next key {next_key.name} is the same key (kid {next_key.kid}) as the current one"
             )
         _refuse_if_registered(runtime, next_key, clock())
-        place, write = record_writer(settings, runtime.profiles[profile].assertion_keys.next, records_dir)
-        dpop = runtime.profiles[profile].dpop_slot.get()
-        policy = HtuPolicy.from_settings(p.effective_token_endpoint, (endpoint,))
-        signer = LocalSigner(profile, p, current, dpop, policy, clock)
-        own_http = http is None
-        client = http or httpx.Client(timeout=HTTP_TIMEOUT)
-        tokens = TokenClient(signer, profile, selfservice.scope, http=client, clock=clock)  # type: ignore[arg-type]
+        place, write, undo = record_writer(settings, runtime.profiles[profile].assertion_keys.next, records_dir)
         # A pending record first: HelseID may stop accepting the current key the moment it
         # accepts this upload, before the final record below is written; meanwhile a refused
         # client may have a retry signed by this key (rotation.SOURCE_PENDING). It also proves
@@ -397,41 +396,15 @@ def register_next_key(
             raise RegistrationRefused(f"cannot write the registration record to {place}: {exc}; nothing was sent") from None
         log.info("registering key %s (kid %s) for %s at %s", next_key.name, next_key.kid, p.client_id, endpoint)
         try:
-            response = client.post(
-                endpoint,
-                content=json.dumps(next_key.published_jwk).encode("utf-8"),
-                headers={"Content-Type": "application/json", "Accept": "application/json"},
-                auth=DPoPAuth(tokens),
-            )
-        except TokenError as exc:
-            raise RegistrationRefused(
-                f"HelseID refused the token for scope {selfservice.scope!r} (current key {current.name}, "
-                f"kid {current.kid}): {exc}"
-            ) from None
-        except (DiscoveryError, SignerError) as exc:
-            raise RegistrationRefused(f"no token for the self-service API: {exc}") from None
-        except httpx.HTTPError as exc:
-            try:
-                where = str(exc.request.url)
-            except RuntimeError:  # no request attached
-                where = endpoint
-            raise RegistrationRefused(f"cannot reach {where}: {exc}") from None
-        finally:
-            if own_http:
-                client.close()
-        if not response.is_success:
-            raise RegistrationRefused(f"HelseID self-service refused key {next_key.name}: {_describe_error(response)}")
-        try:
-            answer = response.json()
-            expires = expiration_text(answer.get("expiration") if isinstance(answer, dict) else None)
-        except ValueError as exc:
-            raise RegistrationRefused(
-                f"HelseID accepted key {next_key.name} (kid {next_key.kid}, HTTP {response.status_code}) but its "
-                f"answer has no readable expiration ({exc}); NO record was written. Read the expiry in the "
-                f"self-service portal and run: helseid-signer keys register --config ... --profile {profile} "
-                "--manual --expires <UTC time>"
-            ) from None
-        record = record_from_response(next_key.kid, p.client_id, p.issuer, {"expiration": expires}, SOURCE_API)
+            response = _upload(settings, profile, runtime, next_key, current, endpoint, http, clock)
+        except RegistrationRefused:
+            with contextlib.suppress(BackendError, OSError):
+                undo()  # HelseID did not take the key: no pending record stays
+            raise
+        # HelseID took the key. Without a readable expiry the pending record stays (for
+        # PENDING_SECONDS it lets a refused client retry with this key) and the operator
+        # records the expiry with --manual.
+        record = _record_from_answer(response, profile, p.client_id, p.issuer, next_key)
         try:
             place = write(record)
         except (BackendError, OSError) as exc:
@@ -444,6 +417,74 @@ def register_next_key(
         log.info("key %s (kid %s) registered; HelseID expiry %s; record in %s; takes over %s", next_key.name,
                  next_key.kid, record.expires_at, place, when)  # fmt: skip
         return _result(profile, next_key, record, place, when)
+
+
+def _upload(
+    settings: Settings,
+    profile: str,
+    runtime: Runtime,
+    next_key: SigningKey,
+    current: SigningKey,
+    endpoint: str,
+    http: httpx.Client | None,
+    clock: Callable[[], float],
+) -> httpx.Response:
+    """POST the next key's public JWK with a token got by the current key; HelseID's
+    accepting answer. RegistrationRefused otherwise."""
+    selfservice = settings.selfservice
+    assert selfservice is not None
+    p = settings.profiles[profile]
+    dpop = runtime.profiles[profile].dpop_slot.get()
+    policy = HtuPolicy.from_settings(p.effective_token_endpoint, (endpoint,))
+    signer = LocalSigner(profile, p, current, dpop, policy, clock)
+    own_http = http is None
+    client = http or httpx.Client(timeout=HTTP_TIMEOUT)
+    tokens = TokenClient(signer, profile, selfservice.scope, http=client, clock=clock)  # type: ignore[arg-type]
+    try:
+        response = client.post(
+            endpoint,
+            content=json.dumps(next_key.published_jwk).encode("utf-8"),
+            headers={"Content-Type": "application/json", "Accept": "application/json"},
+            auth=DPoPAuth(tokens),
+        )
+    except TokenError as exc:
+        raise RegistrationRefused(
+            f"HelseID refused the token for scope {selfservice.scope!r} (current key {current.name}, "
+            f"kid {current.kid}): {exc}"
+        ) from None
+    except (DiscoveryError, SignerError) as exc:
+        raise RegistrationRefused(f"no token for the self-service API: {exc}") from None
+    except httpx.HTTPError as exc:
+        try:
+            where = str(exc.request.url)
+        except RuntimeError:  # no request attached
+            where = endpoint
+        raise RegistrationRefused(f"cannot reach {where}: {exc}") from None
+    finally:
+        if own_http:
+            client.close()
+    if not response.is_success:
+        raise RegistrationRefused(f"HelseID self-service refused key {next_key.name}: {_describe_error(response)}")
+    return response
+
+
+def _record_from_answer(
+    response: httpx.Response, profile: str, client_id: str, issuer: str, next_key: SigningKey
+) -> RegistrationRecord:
+    """The record of HelseID's accepting answer (its ``expiration``); RegistrationRefused
+    when the answer has none readable."""
+    try:
+        answer = response.json()
+        expires = expiration_text(answer.get("expiration") if isinstance(answer, dict) else None)
+    except ValueError as exc:
+        raise RegistrationRefused(
+            f"HelseID accepted key {next_key.name} (kid {next_key.kid}, HTTP {response.status_code}) but its "
+            f"answer has no readable expiration ({exc}); NO record was written (only a pending one, which lets "
+            f"it sign nothing but retries for {PENDING_SECONDS // 60} minutes). Read the expiry in the "
+            f"self-service portal and run: helseid-signer keys register --config ... --profile {profile} "
+            "--manual --expires <UTC time>"
+        ) from None
+    return record_from_response(next_key.kid, client_id, issuer, {"expiration": expires}, SOURCE_API)
 
 
 def parse_expires(text: str, now: float) -> str:
@@ -492,7 +533,7 @@ def register_manual(
             slot = slots[key_name]
         key = slot.get()  # type: ignore[union-attr]
         _refuse_if_registered(runtime, key, now)
-        _, write = record_writer(settings, slot, records_dir)  # type: ignore[arg-type]
+        _, write, _ = record_writer(settings, slot, records_dir)  # type: ignore[arg-type]
         record = RegistrationRecord(
             kid=key.kid,
             client_id=p.client_id,

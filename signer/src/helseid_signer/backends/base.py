@@ -230,6 +230,11 @@ class RegistrationStore(Protocol):
         went, in words fit for an operator. Raises BackendError subclasses."""
         ...
 
+    def delete_registration(self, key: ResolvedKey, kid: str) -> None:
+        """Remove the record stored for ``key`` (none: nothing happens). Raises BackendError
+        subclasses."""
+        ...
+
     def registration_place(self, key: ResolvedKey, kid: str) -> str:
         """Where the record of ``key`` is kept, in words (no backend call)."""
         ...

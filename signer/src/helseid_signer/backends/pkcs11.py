@@ -689,6 +689,18 @@ class Pkcs11Backend:
                 ) from exc
         return self.registration_place(key, kid)
 
+    def delete_registration(self, key: ResolvedKey, kid: str) -> None:
+        """:class:`~.base.RegistrationStore`: destroy the record's data objects on the key's
+        token. BackendUnavailableError on a Cryptoki error."""
+        with self._lock:
+            try:
+                for obj in list(self._session(key.handle.parsed).get_objects(self._registration_template(kid))):
+                    obj.destroy()
+            except PKCS11Error as exc:
+                raise BackendUnavailableError(
+                    f"PKCS#11 error deleting a registration record: {type(exc).__name__}"
+                ) from exc
+
     # -- KeyCreator -----------------------------------------------------------------
 
     def create_key(self, uri: str, key_spec: str) -> ResolvedKey:
