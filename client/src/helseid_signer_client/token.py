@@ -18,7 +18,8 @@ Flow (:meth:`TokenClient.get_token`):
    old key at once, or accept the new one only a moment later): exactly one retry with a
    NEW assertion the signer signs with another of the profile's registered keys
    (``avoid_kid`` = the refused assertion's kid; the signer decides which key may) and a
-   NEW proof. When the signer has no other key (FAILED_PRECONDITION) the first refusal is
+   NEW proof (the nonce retry of step 3 may follow it, if not used yet: each retry at most
+   once). When the signer has no other key (FAILED_PRECONDITION) the first refusal is
    returned. Never a loop;
 5. refuse a ``token_type`` other than ``DPoP``; cache the token until ``refresh_margin``
    seconds before it expires. The cached token remembers the ``jkt`` of the DPoP key it is
@@ -284,11 +285,14 @@ class TokenClient(_TokenClientBase):
     def _request_token(self) -> AccessToken:
         info = self.profile_info
         response, jkt, kid = self._post(info)
-        if nonce_challenge(response):
+        nonce_retried = bool(nonce_challenge(response))
+        if nonce_retried:
             response, jkt, kid = self._post(info)  # new assertion AND new proof, once
         if client_refused(response):
-            try:  # another registered key, once
+            try:  # another registered key, once (and its nonce retry, if not used yet)
                 response, jkt, _ = self._post(info, avoid_kid=kid)
+                if not nonce_retried and nonce_challenge(response):
+                    response, jkt, _ = self._post(info, avoid_kid=kid)
             except SignerError as exc:
                 if exc.code != grpc.StatusCode.FAILED_PRECONDITION:
                     raise
@@ -363,11 +367,14 @@ class AsyncTokenClient(_TokenClientBase):
     async def _request_token(self) -> AccessToken:
         info = await self.get_profile_info()
         response, jkt, kid = await self._post(info)
-        if nonce_challenge(response):
+        nonce_retried = bool(nonce_challenge(response))
+        if nonce_retried:
             response, jkt, kid = await self._post(info)  # new assertion AND new proof, once
         if client_refused(response):
-            try:  # another registered key, once
+            try:  # another registered key, once (and its nonce retry, if not used yet)
                 response, jkt, _ = await self._post(info, avoid_kid=kid)
+                if not nonce_retried and nonce_challenge(response):
+                    response, jkt, _ = await self._post(info, avoid_kid=kid)
             except SignerError as exc:
                 if exc.code != grpc.StatusCode.FAILED_PRECONDITION:
                     raise
