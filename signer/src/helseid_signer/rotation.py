@@ -137,6 +137,7 @@ class RegistrationBook:
         self.places: dict[str, str] = {}
         self._refresh_started = 0.0  # time.monotonic() when the last refresh began
         self._lock = threading.Lock()
+        self._warned: set[tuple[str, str]] = set()
         self.refresh()
 
     def refresh(self) -> None:
@@ -163,8 +164,10 @@ class RegistrationBook:
                 try:
                     text = slot.backend.read_registration(key.resolved, key.kid)
                     found = None if text is None else parse_record(text, key.kid)
-                except BackendError as exc:  # keep what was read last time
-                    log.warning("cannot read the registration record of key %s: %s", slot.name, exc)
+                except BackendError as exc:  # keep what was read last time; say so once per message
+                    if (slot.name, str(exc)) not in self._warned:
+                        self._warned.add((slot.name, str(exc)))
+                        log.warning("cannot read the registration record of key %s: %s", slot.name, exc)
                     found = self.records.get(key.kid) if self.places.get(key.kid, "").startswith("key store") else None
                 except (ValueError, TypeError) as exc:
                     log.warning("ignoring the registration record stored with key %s: %s", slot.name, exc)
