@@ -113,9 +113,10 @@ def test_the_async_client_retries_the_same_way(world):
         async def hook(request: httpx.Request) -> None:
             sent.append(request)
 
-        async with AsyncSignerClient(world["address"]) as signer, httpx.AsyncClient(
-            event_hooks={"request": [hook]}
-        ) as http:
+        async with (
+            AsyncSignerClient(world["address"]) as signer,
+            httpx.AsyncClient(event_hooks={"request": [hook]}) as http,
+        ):
             async with AsyncTokenClient(signer, "two", SCOPE, http=http) as tokens:
                 await tokens.get_token()
         return [_assertion_kid(r) for r in sent if r.method == "POST"]

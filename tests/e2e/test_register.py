@@ -379,7 +379,8 @@ def test_an_unreadable_expiration_writes_no_record_and_says_what_to_do(world, st
     # key, so it may still sign a retried assertion for a few minutes), and --manual may follow.
     (pending,) = _records(config)
     assert json.loads(pending.read_text())["source"] == "selfservice-api-pending" and len(standin.received) == 1
-    manual = _cli(world, config, "keys", "register", "--profile", "app", "--manual", "--expires", "2027-11-29T00:00:00Z")
+    manual = _cli(world, config, "keys", "register", "--profile", "app", "--manual",
+                  "--expires", "2027-11-29T00:00:00Z")  # fmt: skip
     assert manual.returncode == 0, manual.stderr
     assert json.loads(pending.read_text())["source"] == "manual"
 

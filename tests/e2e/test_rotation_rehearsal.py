@@ -174,7 +174,8 @@ def test_rotation_under_load_has_zero_failed_calls(world):
         result = json.loads(register.stdout)
         assert result["kid"] == kid["nxt"] and world["uploads"][0][0] == kid["nxt"]
         assert "PKCS#11 token label 'rehearsal'" in result["record"] and kid["nxt"] in result["record"]
-        assert result["takes_over"] == f"within {HEALTH_INTERVAL:g} s (one health interval) on every replica that reads this record"
+        expected = f"within {HEALTH_INTERVAL:g} s (one health interval) on every replica that reads this record"
+        assert result["takes_over"] == expected
 
         # Every replica signs with the new key within one health interval (plus slack).
         switched = [False] * REPLICAS

@@ -69,7 +69,8 @@ def world(tmp_path_factory):
             "kept": rotation("kept", 'previous_key = "old"', "previous_published_until = 2030-01-01T00:00:00Z"),
             "late": rotation("late", 'next_key = "nx3"'),
         },
-        extra_lines=("[selfservice]", f'records_dir = "{records}"', "", "[audit]", 'sink = "file"', f'path = "{audit}"'),
+        extra_lines=("[selfservice]", f'records_dir = "{records}"', "",
+                     "[audit]", 'sink = "file"', f'path = "{audit}"'),
         server_lines=('listen = "127.0.0.1:0"', "insecure = true", "health_interval = 60"),
     )  # fmt: skip
     with running_signer(config, env={"SOFTHSM2_CONF": str(token.conf)}) as address:

@@ -40,11 +40,11 @@ import httpx
 
 from helseid_signer_client import DiscoveryError, DPoPAuth, SignerError, TokenClient, TokenError
 
+from .backends.base import BackendError, RegistrationStore
 from .config import Settings
 from .htu import HtuPolicy
 from .keys import KeySlot, SigningKey
 from .local_signer import LocalSigner
-from .backends.base import BackendError, RegistrationStore
 from .rotation import (
     EXPIRY_WARNING_DAYS,
     PENDING_SECONDS,
@@ -393,7 +393,9 @@ def register_next_key(
         try:
             write(RegistrationRecord(next_key.kid, p.client_id, p.issuer, utc_text(clock()), None, SOURCE_PENDING))
         except (BackendError, OSError) as exc:
-            raise RegistrationRefused(f"cannot write the registration record to {place}: {exc}; nothing was sent") from None
+            raise RegistrationRefused(
+                f"cannot write the registration record to {place}: {exc}; nothing was sent"
+            ) from None
         log.info("registering key %s (kid %s) for %s at %s", next_key.name, next_key.kid, p.client_id, endpoint)
         try:
             response = _upload(settings, profile, runtime, next_key, current, endpoint, http, clock)

@@ -174,7 +174,8 @@ class RegistrationBook:
                     found = None
                 if found is not None and _newer(records.get(key.kid), found) is found:
                     records[key.kid] = found
-                    places[key.kid] = f"key store of {slot.name} ({slot.backend.registration_place(key.resolved, key.kid)})"
+                    where = slot.backend.registration_place(key.resolved, key.kid)
+                    places[key.kid] = f"key store of {slot.name} ({where})"
             self.records, self.places = records, places
             self._refresh_started = started
 
@@ -282,7 +283,8 @@ class AssertionKeys:
         Eligible: a key published at ``now`` (so a configured previous key only until
         ``previous_published_until``), resolved, whose kid is not ``avoid_kid``, and
         registered and unexpired - a next key that has not yet switched in needs a
-        registration record (or a pending one: its upload is in flight, :data:`SOURCE_PENDING`); the configured current key (and the old current key a switch
+        registration record (or a pending one: its upload is in flight,
+        :data:`SOURCE_PENDING`); the configured current key (and the old current key a switch
         made PREVIOUS) is taken as registered, as configuration says it is, unless a record
         for it shows it expired or registered for another client. First choice is the key
         that signs now, then the others in key-set order (CURRENT, NEXT, PREVIOUS).

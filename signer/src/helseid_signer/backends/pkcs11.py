@@ -660,7 +660,9 @@ class Pkcs11Backend:
                 values = [bytes(o[Attribute.VALUE]) for o in session.get_objects(self._registration_template(kid))]
             except PKCS11Error as exc:
                 self._sessions.clear()  # a stale session is opened anew on the next call
-                raise BackendUnavailableError(f"PKCS#11 error reading a registration record: {type(exc).__name__}") from exc
+                raise BackendUnavailableError(
+                    f"PKCS#11 error reading a registration record: {type(exc).__name__}"
+                ) from exc
         texts = [v.decode("utf-8", "replace") for v in values]
         return max(texts, key=_registered_at) if texts else None
 
