@@ -1,7 +1,8 @@
 """RegistrationStore, on every backend that offers it: a registration record written beside
 a key is read back exactly (JSON compared field by field), a new one replaces the old,
-a record of one key is never read for another, and a deleted one is gone. A backend without
-the capability must be one whose gap docs/operations.md names (Azure Key Vault today)."""
+a record of one key is never read for another, and a deleted one is gone. Every registered
+backend has the capability (a new one without it must be named in WITHOUT_STORE and in
+docs/operations.md, "Where registration records live")."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from helseid_signer.backends.base import RegistrationStore
 from helseid_signer.rotation import parse_record
 
 #: backends that keep records in records_dir instead (docs/operations.md, "Where registration records live")
-WITHOUT_STORE = {"azurekv"}
+WITHOUT_STORE: set[str] = set()
 
 
 def _record(kid: str, source: str, expires: str | None) -> dict:
