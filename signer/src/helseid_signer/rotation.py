@@ -144,57 +144,64 @@ class RegistrationBook:
         """Re-read the folder and the key stores; unreadable or malformed records are logged
         and ignored (a key store that cannot be read now keeps the records last read from it)."""
         with self._lock:
-            started = time.monotonic()
-            records: dict[str, RegistrationRecord] = {}
-            places: dict[str, str] = {}
-            folder = Path(self.records_dir) if self.records_dir is not None else None
-            for path in sorted(folder.glob("*.json")) if folder is not None and folder.is_dir() else []:
-                try:
-                    record = parse_record(path.read_text(), path.stem)
-                except (OSError, ValueError, TypeError) as exc:
-                    log.warning("ignoring registration record %s: %s", path.name, exc)
-                    continue
-                records[record.kid], places[record.kid] = record, str(path)
-            seen: set[str] = set()
-            for slot in self.slots:
-                key = slot.key
-                if key is None or key.kid in seen or not isinstance(slot.backend, RegistrationStore):
-                    continue
-                seen.add(key.kid)
-                try:
-                    text = slot.backend.read_registration(key.resolved, key.kid)
-                    found = None if text is None else parse_record(text, key.kid)
-                except BackendError as exc:  # keep what was read last time; say so once per message
-                    if (slot.name, str(exc)) not in self._warned:
-                        self._warned.add((slot.name, str(exc)))
-                        log.warning("cannot read the registration record of key %s: %s", slot.name, exc)
-                    found = self.records.get(key.kid) if self.places.get(key.kid, "").startswith("key store") else None
-                except (ValueError, TypeError) as exc:
+            self._refresh_locked()
+
+    def _refresh_locked(self) -> None:
+        started = time.monotonic()
+        records: dict[str, RegistrationRecord] = {}
+        places: dict[str, str] = {}
+        folder = Path(self.records_dir) if self.records_dir is not None else None
+        for path in sorted(folder.glob("*.json")) if folder is not None and folder.is_dir() else []:
+            try:
+                record = parse_record(path.read_text(), path.stem)
+            except (OSError, ValueError, TypeError) as exc:
+                log.warning("ignoring registration record %s: %s", path.name, exc)
+                continue
+            records[record.kid], places[record.kid] = record, str(path)
+        seen: set[str] = set()
+        for slot in self.slots:
+            key = slot.key
+            if key is None or key.kid in seen or not isinstance(slot.backend, RegistrationStore):
+                continue
+            seen.add(key.kid)
+            try:
+                text = slot.backend.read_registration(key.resolved, key.kid)
+                found = None if text is None else parse_record(text, key.kid)
+            except BackendError as exc:  # keep what was read last time; say so once per message
+                if (slot.name, str(exc)) not in self._warned:
+                    self._warned.add((slot.name, str(exc)))
+                    log.warning("cannot read the registration record of key %s: %s", slot.name, exc)
+                found = self.records.get(key.kid) if self.places.get(key.kid, "").startswith("key store") else None
+            except (ValueError, TypeError) as exc:
+                if (slot.name, str(exc)) not in self._warned:
+                    self._warned.add((slot.name, str(exc)))
                     log.warning("ignoring the registration record stored with key %s: %s", slot.name, exc)
-                    found = None
-                if found is not None and _newer(records.get(key.kid), found) is found:
-                    records[key.kid] = found
-                    where = slot.backend.registration_place(key.resolved, key.kid)
-                    places[key.kid] = f"key store of {slot.name} ({where})"
-            self.records, self.places = records, places
-            self._refresh_started = started
+                found = None
+            if found is not None and _newer(records.get(key.kid), found) is found:
+                records[key.kid] = found
+                where = slot.backend.registration_place(key.resolved, key.kid)
+                places[key.kid] = f"key store of {slot.name} ({where})"
+        self.records, self.places = records, places
+        self._refresh_started = started
 
     def refresh_since(self, moment: float) -> None:
         """Make sure a refresh began at or after ``moment`` (a ``time.monotonic()`` value): a
         request refused for want of a record reads the key stores once, and concurrent ones
         share one read (they wait for it)."""
         with self._lock:
-            if self._refresh_started >= moment:
-                return
-        self.refresh()
+            if self._refresh_started < moment:
+                self._refresh_locked()
 
-    def is_pending(self, kid: str, now: float) -> bool:
-        """A record written just before the upload of ``kid`` exists and is at most
-        :data:`PENDING_SECONDS` old (see :data:`SOURCE_PENDING`)."""
+    def is_pending(self, kid: str, now: float, client_id: str | None = None, issuer: str | None = None) -> bool:
+        """A record written just before the upload of ``kid`` exists - for this
+        ``client_id`` and ``issuer`` when given - and is at most :data:`PENDING_SECONDS` old
+        (see :data:`SOURCE_PENDING`)."""
         record = self.records.get(kid)
         return (
             record is not None
             and record.source == SOURCE_PENDING
+            and (client_id is None or record.client_id == client_id)
+            and (issuer is None or record.issuer == issuer)
             and 0 <= now - _parse_time(record.registered_at) <= PENDING_SECONDS
         )
 
@@ -296,7 +303,8 @@ class AssertionKeys:
                 continue
             record = self.book.records.get(key.kid) if self.book is not None else None
             if slot is self.next and not self.next_is_active(now):
-                if self._registered(key.kid, now) or (self.book is not None and self.book.is_pending(key.kid, now)):
+                pending = self.book is not None and self.book.is_pending(key.kid, now, self.client_id, self.issuer)
+                if pending or self._registered(key.kid, now):
                     return slot
             elif record is None or self._registered(key.kid, now):
                 return slot
