@@ -5,7 +5,15 @@
 // CONFIG.json:
 //   host              loopback IP literal to listen on (default "127.0.0.1"; anything else is refused)
 //   port              TCP port (0 = pick a free one)
-//   clients           [{client_id, jwks: {keys: [public JWKs]}, scope: "nhn:deft/api ..."}]
+//   clients           [{client_id, jwks: {keys: [public JWKs]}, scope: "nhn:deft/api ...",
+//                       registered_kids_file?: path}]
+//                     registered_kids_file (tests of key rotation): a JSON file
+//                     {"kids": [{"kid": "...", "from": epoch seconds}]} read at every
+//                     token request; a client assertion whose kid is not listed, or is
+//                     listed with a later "from", is refused with invalid_client, as
+//                     HelseID refuses a key that is not (or not yet) registered. The
+//                     jwks must still hold every key that may be listed (signatures are
+//                     verified against it first).
 //   scopes            ["nhn:deft/api", ...] every scope the server knows
 //   access_token_ttl  seconds (default 300); the environment variable AUTHSERVER_ACCESS_TOKEN_TTL
 //                     (seconds, a positive integer) overrides it - e.g. short-lived tokens to
@@ -82,6 +90,19 @@ function providerJwks() {
   return { keys: [{ ...privateKey.export({ format: 'jwk' }), alg: 'RS256', use: 'sig', kid: randomUUID() }] };
 }
 
+const registeredKidsFiles = new Map(
+  config.clients.filter((c) => c.registered_kids_file).map((c) => [c.client_id, c.registered_kids_file]),
+);
+
+// The kids HelseID accepts for a client now, when a test manages them (else null: all of jwks).
+function acceptedKids(clientId) {
+  const file = registeredKidsFiles.get(clientId);
+  if (!file) return null;
+  const now = Date.now() / 1000;
+  const { kids } = JSON.parse(readFileSync(file, 'utf8'));
+  return new Set(kids.filter((k) => k.from <= now).map((k) => k.kid));
+}
+
 const clients = config.clients.map((c) => ({
   client_id: c.client_id,
   jwks: c.jwks,
@@ -154,6 +175,10 @@ try {
     // client_id parameter; alg, exp, jti, iss = client_id, aud in {issuer, token endpoint},
     // signature) and before the jti replay check, so a refused assertion spends no jti.
     async assertJwtClientAuthClaimsAndHeader(ctx, claims, header) {
+      const accepted = acceptedKids(claims.sub);
+      if (accepted !== null && !accepted.has(header.kid)) {
+        throw new errors.InvalidClientAuth('the client assertion key is not registered for this client');
+      }
       if (header.typ !== CLIENT_ASSERTION_TYP) {
         throw new errors.InvalidClientAuth(`client assertion typ must be ${CLIENT_ASSERTION_TYP}`);
       }

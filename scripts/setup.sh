@@ -2,6 +2,7 @@
 # Installs everything the demo and the tests need, on a machine that has none of it:
 #   - Debian packages: softhsm2 (the PKCS#11 token for development and tests), nodejs + npm,
 #     openssl (the mTLS recipe of docs/integration.md is run by the tests)
+#     prometheus (its promtool tests the shipped alert rules)
 #   - .venv/: both distributions (editable) and the test tools, pinned by requirements/constraints.txt
 #   - authserver/, examples/node-host/, tools/ node_modules: pinned npm packages (package-lock.json):
 #     oidc-provider, @grpc/grpc-js + @grpc/proto-loader, buf
@@ -17,6 +18,7 @@ missing=()
 command -v node >/dev/null || missing+=(nodejs)
 command -v npm >/dev/null || missing+=(npm)
 command -v openssl >/dev/null || missing+=(openssl)
+command -v promtool >/dev/null || missing+=(prometheus)
 python3 -c 'import venv, ensurepip' 2>/dev/null || missing+=(python3-venv)
 if [ ${#missing[@]} -gt 0 ]; then
   say "installing Debian packages: ${missing[*]}"
@@ -24,7 +26,7 @@ if [ ${#missing[@]} -gt 0 ]; then
   $SUDO apt-get update -qq
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 fi
-for tool in softhsm2-util node npm openssl python3; do
+for tool in softhsm2-util node npm openssl python3 promtool; do
   command -v "$tool" >/dev/null || { echo "[setup] ERROR: $tool is still missing" >&2; exit 1; }
 done
 node_major=$(node -p 'process.versions.node.split(".")[0]')

@@ -279,8 +279,11 @@ def test_register_uploads_the_next_keys_public_jwk_and_records_the_expiry(world,
     assert listed.returncode == 0, listed.stderr
     entry = {e["name"]: e for e in json.loads(listed.stdout)}["next"]
     assert entry["registration"]["registered"] and 364 < entry["registration"]["days_to_expiry"] <= 365
-    assert {"profile": "app", "use": "assertion", "role": "next", "published": "NEXT", "signing": False,
+    # Registered, and HelseID is not said to keep the old key: it signs now (next_active_from
+    # is only the time by which it should have been registered).
+    assert {"profile": "app", "use": "assertion", "role": "next", "published": "CURRENT", "signing": True,
             "active_from": "2030-01-01T00:00:00Z"} in entry["uses"]  # fmt: skip
+    assert result["takes_over"] == "within 5 s (one health interval) on every replica that reads this record"
     again = _cli(world, config, "keys", "register", "--profile", "app")
     assert again.returncode == 1 and "already registered" in again.stderr and kid in again.stderr
     assert len(standin.received) == 1 and standin.refused == []
@@ -381,7 +384,14 @@ def test_an_unreadable_expiration_writes_no_record_and_says_what_to_do(world, st
     proc = _cli(world, config, "keys", "register", "--profile", "app")
     assert proc.returncode == 1
     assert "NO record was written" in proc.stderr and "--manual --expires" in proc.stderr
-    assert _records(config) == [] and len(standin.received) == 1
+    # Only the pending record written before the upload: not a registration (HelseID took the
+    # key, so it may still sign a retried assertion for a few minutes), and --manual may follow.
+    (pending,) = _records(config)
+    assert json.loads(pending.read_text())["source"] == "selfservice-api-pending" and len(standin.received) == 1
+    manual = _cli(world, config, "keys", "register", "--profile", "app", "--manual",
+                  "--expires", "2027-11-29T00:00:00Z")  # fmt: skip
+    assert manual.returncode == 0, manual.stderr
+    assert json.loads(pending.read_text())["source"] == "manual"
 
 
 @pytest.mark.parametrize(

@@ -49,6 +49,7 @@ PROFILES = ("single", "multi", "other")  # the caller may use single and multi o
 #: The API base URLs as configured, and canonical (what a signed htu must start with).
 API_BASES = ("https://api.example.no/deft", "https://a.example", "https://[2001:db8::1]:8443/api")
 CANONICAL_BASES = ("https://api.example.no/deft", "https://a.example/", "https://[2001:db8::1]:8443/api")
+B64URL = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_"
 METHODS = ("GET", "HEAD", "POST", "PUT", "DELETE", "CONNECT", "OPTIONS", "TRACE", "PATCH")
 MAX_MESSAGE_BYTES = 64 * 1024  # the server's limit (server.MAX_MESSAGE_BYTES)
 SERVICE = "/helseid.signer.v1.SignerService/"
@@ -61,7 +62,7 @@ RPCS = {
 REFUSALS = {"INVALID_ARGUMENT", "PERMISSION_DENIED", "UNAUTHENTICATED", "RESOURCE_EXHAUSTED"}
 FIELDS = {
     "request", "caller", "profile", "child_organization_number", "parent_organization_number",
-    "htm", "htu", "nonce", "access_token_sha256",
+    "htm", "htu", "nonce", "access_token_sha256", "avoid_kid",
 }  # fmt: skip
 _FUZZ = settings(
     deadline=None,
@@ -222,6 +223,9 @@ def exercise(signer, rpc: str, request=None, raw: bytes | None = None) -> None:
         if len(raw) > MAX_MESSAGE_BYTES:
             assert code == "RESOURCE_EXHAUSTED" and "larger than max" in details, (code, details)
             return
+        if code == "FAILED_PRECONDITION":  # avoid_kid naming the profile's only key, and nothing else
+            assert details.startswith("avoid_kid: no other"), (code, details)
+            return
         assert code in REFUSALS, (code, details, raw[:200])
         field = details.partition(":")[0]
         assert field in FIELDS and details.startswith(field + ": "), (code, details)
@@ -314,11 +318,16 @@ htus = st.one_of(
 # ---------------------------------------------------------------- the tests
 
 
+#: ``avoid_kid``: none, the profile's own (only) key ("SELF"), kid-shaped strings, anything.
+avoid_kids = st.sampled_from(["", "", "SELF"]) | st.text(B64URL, min_size=42, max_size=44) | st.text(max_size=50)
+
+
 @fuzz("test_assertion_fields")
-@given(profile=profiles, child=org_numbers, parent=org_numbers)
-def test_assertion_fields(signer, profile, child, parent):
+@given(profile=profiles, child=org_numbers, parent=org_numbers, avoid=avoid_kids)
+def test_assertion_fields(signer, profile, child, parent, avoid):
+    avoid = signer["jwks"]["assertion"].thumbprint() if avoid == "SELF" else avoid
     request = pb.SignClientAssertionRequest(
-        profile=profile, child_organization_number=child, parent_organization_number=parent
+        profile=profile, child_organization_number=child, parent_organization_number=parent, avoid_kid=avoid
     )
     exercise(signer, "SignClientAssertion", request)
 

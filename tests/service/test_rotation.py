@@ -67,7 +67,7 @@ def _write(tmp_path: Path, token, switch_at: str) -> Path:
     def rotation(profile: str, *lines: str) -> list[str]:
         return ["", f"[profiles.{profile}.rotation]", *lines]
 
-    nxt = f"next_active_from = {switch_at}"
+    nxt = f"next_active_from = {switch_at}\nhelseid_keeps_old_key = true"  # the switch waits for T
     return write_config(
         tmp_path / "signer.toml",
         token,

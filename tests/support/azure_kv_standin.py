@@ -607,6 +607,17 @@ class KeyVaultStandIn:
             return self._bundle(self._find(name, rest[0] if rest else None))
         if method == "POST" and len(rest) == 2 and rest[1] == "sign":
             return self._sign(self._find(name, rest[0]), _need(body))
+        if method == "PATCH" and len(rest) == 1:  # Update Key: tags (replacing all) of one version
+            v = self._find(name, rest[0])
+            tags = _need(body).get("tags")
+            if tags is not None:
+                if not isinstance(tags, dict) or len(tags) > 15 or any(
+                    not isinstance(t, str) or not isinstance(val, str) or len(t) > 512 or len(val) > 256
+                    for t, val in tags.items()
+                ):
+                    raise _Error(400, "BadParameter", "tags: at most 15, string names and values up to 256")
+                v.tags = dict(tags)
+            return self._bundle(v)
         raise _Error(400, "BadParameter", f"unsupported operation {method} {path}")
 
 
@@ -688,6 +699,9 @@ class _Handler(http.server.BaseHTTPRequestHandler):
 
     def do_PUT(self) -> None:
         self._serve("PUT")
+
+    def do_PATCH(self) -> None:
+        self._serve("PATCH")
 
     def _serve(self, method: str) -> None:
         vault = self.vault

@@ -75,7 +75,8 @@ def _b64url(data: bytes) -> str:
 class SelfServiceStandIn:
     """The stand-in's state. Attributes set by tests: ``answer_error`` (status, body) or
     (status, body, extra headers) to refuse every otherwise valid upload; ``expiration`` to
-    override the answered time text; ``require_nonce``."""
+    override the answered time text; ``on_upload`` to act on each accepted key (e.g. change
+    what the authorization server accepts); ``require_nonce``."""
 
     issuer: str
     jwks_uri: str
@@ -83,6 +84,9 @@ class SelfServiceStandIn:
     require_nonce: bool = False
     answer_error: tuple[int, dict[str, Any]] | tuple[int, dict[str, Any], dict[str, str]] | None = None
     expiration: Callable[[], str] | None = None
+    #: called with each accepted JWK (and the token's client id) before the answer: a test
+    #: tells the authorization server what HelseID now accepts for that client
+    on_upload: Callable[[dict[str, Any], str], None] | None = None
     base_url: str = ""
     received: list[Upload] = field(default_factory=list)
     refused: list[tuple[int, str]] = field(default_factory=list)
@@ -216,6 +220,8 @@ class SelfServiceStandIn:
                 self.refused.append((status, "answer_error"))
                 return status, {"Content-Type": "application/problem+json", **(extra[0] if extra else {})}, problem
             self.received.append(Upload(key, token_claims, proof_claims, proof_header, headers.get("Content-Type")))
+            if self.on_upload is not None:
+                self.on_upload(key, str(token_claims.get("client_id", "")))
             expires = (datetime.now(UTC) + timedelta(days=365)).isoformat()
             return 200, {}, {"expiration": self.expiration() if self.expiration else expires}
         except Refusal as refusal:

@@ -195,9 +195,14 @@ def _profile(r: pb.GetClientProfileResponse) -> ClientProfile:
     )
 
 
-def _assertion_request(profile: str, child: str | None, parent: str | None) -> pb.SignClientAssertionRequest:
+def _assertion_request(
+    profile: str, child: str | None, parent: str | None, avoid_kid: str | None = None
+) -> pb.SignClientAssertionRequest:
     return pb.SignClientAssertionRequest(
-        profile=profile, child_organization_number=child or "", parent_organization_number=parent or ""
+        profile=profile,
+        child_organization_number=child or "",
+        parent_organization_number=parent or "",
+        avoid_kid=avoid_kid or "",
     )
 
 
@@ -254,9 +259,14 @@ class SignerClient:
         *,
         child_organization_number: str | None = None,
         parent_organization_number: str | None = None,
+        avoid_kid: str | None = None,
     ) -> ClientAssertion:
-        """A fresh client assertion for ``profile`` (single use: never reuse it)."""
-        request = _assertion_request(profile, child_organization_number, parent_organization_number)
+        """A fresh client assertion for ``profile`` (single use: never reuse it).
+
+        ``avoid_kid``: the kid of an assertion HelseID just refused (``invalid_client``); the
+        service then signs with another registered key of the profile, or answers
+        FAILED_PRECONDITION when there is none (see the proto's ``avoid_kid``)."""
+        request = _assertion_request(profile, child_organization_number, parent_organization_number, avoid_kid)
         try:
             return _assertion(self._stub.SignClientAssertion(request, timeout=self.timeout))
         except grpc.RpcError as exc:
@@ -335,9 +345,10 @@ class AsyncSignerClient:
         *,
         child_organization_number: str | None = None,
         parent_organization_number: str | None = None,
+        avoid_kid: str | None = None,
     ) -> ClientAssertion:
         """See :meth:`SignerClient.sign_client_assertion`."""
-        request = _assertion_request(profile, child_organization_number, parent_organization_number)
+        request = _assertion_request(profile, child_organization_number, parent_organization_number, avoid_kid)
         try:
             return _assertion(await self._stub.SignClientAssertion(request, timeout=self.timeout))
         except grpc.RpcError as exc:

@@ -16,7 +16,14 @@ Flow (:meth:`TokenClient.get_token`):
 3. on HTTP 400 ``use_dpop_nonce`` with a ``DPoP-Nonce`` header: exactly one retry with a
    NEW assertion (the first spent its ``jti``) and a NEW proof carrying the nonce; a
    second ``use_dpop_nonce`` is an error, never a loop;
-4. refuse a ``token_type`` other than ``DPoP``; cache the token until ``refresh_margin``
+4. on ``invalid_client`` (HTTP 400 or 401; around a key rotation HelseID may refuse the
+   old key at once, or accept the new one only a moment later): exactly one retry with a
+   NEW assertion the signer signs with another of the profile's registered keys
+   (``avoid_kid`` = the refused assertion's kid; the signer decides which key may) and a
+   NEW proof (the nonce retry of step 3 may follow it, if not used yet: each retry at most
+   once). When the signer has no other key (FAILED_PRECONDITION) the first refusal is
+   returned. Never a loop;
+5. refuse a ``token_type`` other than ``DPoP``; cache the token until ``refresh_margin``
    seconds before it expires. The cached token remembers the ``jkt`` of the DPoP key it is
    bound to; :class:`~helseid_signer_client.dpop.DPoPAuth` fetches a new token when the
    signer's DPoP key changes.
@@ -35,10 +42,11 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+import grpc
 import httpx
 
 from ._rules import REDIRECT_STATUSES, valid_nonce
-from .errors import DiscoveryError, TokenError
+from .errors import DiscoveryError, SignerError, TokenError
 from .signer import AsyncSignerClient, ClientProfile, SignerClient
 
 CLIENT_ASSERTION_TYPE = "urn:ietf:params:oauth:client-assertion-type:jwt-bearer"
@@ -101,6 +109,11 @@ def nonce_challenge(response: httpx.Response) -> str | None:
         nonce = response.headers.get("DPoP-Nonce")
         return nonce if valid_nonce(nonce) else None
     return None
+
+
+def client_refused(response: httpx.Response) -> bool:
+    """True for a token-endpoint ``invalid_client`` answer (HTTP 400 or 401, RFC 6749 section 5.2)."""
+    return response.status_code in (400, 401) and _json(response).get("error") == "invalid_client"
 
 
 def parse_token_response(response: httpx.Response, jkt: str, now: float) -> AccessToken:
@@ -284,20 +297,30 @@ class TokenClient(_TokenClientBase):
                 token = self._token = self._request_token()
             return token
 
-    def _post(self, info: ClientProfile) -> tuple[httpx.Response, str]:
-        assertion = self.signer.sign_client_assertion(self.profile, **self._assertion_kwargs())
+    def _post(self, info: ClientProfile, avoid_kid: str | None = None) -> tuple[httpx.Response, str, str]:
+        kwargs = self._assertion_kwargs() if avoid_kid is None else {**self._assertion_kwargs(), "avoid_kid": avoid_kid}
+        assertion = self.signer.sign_client_assertion(self.profile, **kwargs)
         proof = self.signer.sign_dpop_proof(self.profile, "POST", info.token_endpoint, nonce=self._nonce)
         form = token_form(info.client_id, self.scope, assertion.jwt)
         # never follow a redirect: the assertion and proof are for the token endpoint only
         response = self._http.post(info.token_endpoint, data=form, headers={"DPoP": proof.jwt}, follow_redirects=False)
         self._remember_nonce(response)
-        return response, proof.jkt
+        return response, proof.jkt, assertion.kid
 
     def _request_token(self) -> AccessToken:
         info = self.profile_info
-        response, jkt = self._post(info)
-        if nonce_challenge(response):
-            response, jkt = self._post(info)  # new assertion AND new proof, once
+        response, jkt, kid = self._post(info)
+        nonce_retried = bool(nonce_challenge(response))
+        if nonce_retried:
+            response, jkt, kid = self._post(info)  # new assertion AND new proof, once
+        if client_refused(response):
+            try:  # another registered key, once (and its nonce retry, if not used yet)
+                response, jkt, _ = self._post(info, avoid_kid=kid)
+                if not nonce_retried and nonce_challenge(response):
+                    response, jkt, _ = self._post(info, avoid_kid=kid)
+            except SignerError as exc:
+                if exc.code != grpc.StatusCode.FAILED_PRECONDITION:
+                    raise
         return parse_token_response(response, jkt, self._clock())
 
     def close(self) -> None:
@@ -357,21 +380,31 @@ class AsyncTokenClient(_TokenClientBase):
                 token = self._token = await self._request_token()
             return token
 
-    async def _post(self, info: ClientProfile) -> tuple[httpx.Response, str]:
-        assertion = await self.signer.sign_client_assertion(self.profile, **self._assertion_kwargs())
+    async def _post(self, info: ClientProfile, avoid_kid: str | None = None) -> tuple[httpx.Response, str, str]:
+        kwargs = self._assertion_kwargs() if avoid_kid is None else {**self._assertion_kwargs(), "avoid_kid": avoid_kid}
+        assertion = await self.signer.sign_client_assertion(self.profile, **kwargs)
         proof = await self.signer.sign_dpop_proof(self.profile, "POST", info.token_endpoint, nonce=self._nonce)
         form = token_form(info.client_id, self.scope, assertion.jwt)
         response = await self._http.post(
             info.token_endpoint, data=form, headers={"DPoP": proof.jwt}, follow_redirects=False
         )
         self._remember_nonce(response)
-        return response, proof.jkt
+        return response, proof.jkt, assertion.kid
 
     async def _request_token(self) -> AccessToken:
         info = await self.get_profile_info()
-        response, jkt = await self._post(info)
-        if nonce_challenge(response):
-            response, jkt = await self._post(info)  # new assertion AND new proof, once
+        response, jkt, kid = await self._post(info)
+        nonce_retried = bool(nonce_challenge(response))
+        if nonce_retried:
+            response, jkt, kid = await self._post(info)  # new assertion AND new proof, once
+        if client_refused(response):
+            try:  # another registered key, once (and its nonce retry, if not used yet)
+                response, jkt, _ = await self._post(info, avoid_kid=kid)
+                if not nonce_retried and nonce_challenge(response):
+                    response, jkt, _ = await self._post(info, avoid_kid=kid)
+            except SignerError as exc:
+                if exc.code != grpc.StatusCode.FAILED_PRECONDITION:
+                    raise
         return parse_token_response(response, jkt, self._clock())
 
     async def aclose(self) -> None:

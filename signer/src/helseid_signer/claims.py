@@ -78,6 +78,19 @@ def check_access_token_sha256(digest: bytes) -> str | None:
     return b64url(digest)
 
 
+_KID = re.compile(r"^[A-Za-z0-9_-]{43}$")
+
+
+def check_avoid_kid(kid: str) -> str | None:
+    """``avoid_kid``: "" (None), or an RFC 7638 SHA-256 thumbprint - exactly 43 base64url
+    characters (RFC 4648 section 5, no padding). RequestError otherwise."""
+    if not kid:
+        return None
+    if not _KID.match(kid):
+        raise RequestError("avoid_kid", "must be a kid: 43 base64url characters (RFC 7638 SHA-256 thumbprint)")
+    return kid
+
+
 def assertion_details(
     tenancy: str,
     allowed: tuple[str, ...],

@@ -69,8 +69,12 @@ class ServerSettings(_Strict):
     #: A server-wide limit gRPC applies BEFORE the caller is known (every caller then gets
     #: RESOURCE_EXHAUSTED): unset by default; admission is per caller (``max_in_flight``).
     max_concurrent_rpcs: Annotated[Int, Field(ge=1, le=100_000)] | None = None
-    #: Seconds between health checks (pending keys retried, backends probed).
+    #: Seconds between health checks (pending keys retried, backends probed, registration
+    #: records re-read: a registered next key signs on every replica within this time).
     health_interval: Annotated[float, Field(ge=0.1, le=3600)] = 5.0
+    #: Seconds between asking cloud backends whether a pinned key's reference moved on
+    #: (an AWS alias, a newer Azure key version): one backend call per key each time.
+    drift_check_interval: Annotated[float, Field(ge=1, le=86400)] = 300.0
 
     @field_validator("listen")
     @classmethod
@@ -238,23 +242,33 @@ class RotationSettings(_Strict):
     """``[profiles.NAME.rotation]``: client-assertion key rotation by configuration.
 
     ``next_key`` is published (GetKeySet, status NEXT) at once and becomes the signing key
-    at ``next_active_from`` (UTC, the same instant on every replica) - but only once it is
-    registered with HelseID: a registration record for its kid must exist (``keys
-    register``), else the current key keeps signing and the refusal is logged and shown in
-    health. After the switch the old current key stays published as PREVIOUS until the
-    configuration is updated. ``previous_key`` is published, verify-only, until
-    ``previous_published_until``; it never signs.
+    as soon as it is registered with HelseID: a registration record for its kid must exist
+    (``keys register`` writes it beside the key in its key store, or in ``records_dir``);
+    every replica sees it within one health interval. HelseID may refuse the old key from
+    the moment of the upload, so that is the default (docs/operations.md, "Rotating the
+    assertion key"). Only with ``helseid_keeps_old_key = true`` - the operator's statement
+    that HelseID keeps accepting the old key - does the switch wait for
+    ``next_active_from`` (UTC). Without that statement ``next_active_from`` is the time by
+    which the next key should be registered: after it an unregistered next key is reported
+    (log, health, metric). After the switch the old current key stays published as
+    PREVIOUS until the configuration is updated. ``previous_key`` is published, verify-only
+    (and a candidate for a retried assertion), until ``previous_published_until``.
     """
 
     next_key: Name | None = None
     next_active_from: UtcTime | None = None
+    helseid_keeps_old_key: Bool = False
     previous_key: Name | None = None
     previous_published_until: UtcTime | None = None
 
     @model_validator(mode="after")
     def _pairs(self) -> RotationSettings:
-        if (self.next_key is None) != (self.next_active_from is None):
-            raise ValueError("next_key and next_active_from go together")
+        if self.next_key is None and (self.next_active_from is not None or self.helseid_keeps_old_key):
+            raise ValueError("next_active_from and helseid_keeps_old_key need next_key")
+        if self.helseid_keeps_old_key and self.next_active_from is None:
+            raise ValueError(
+                "helseid_keeps_old_key = true needs next_active_from (the later switch time it allows)"
+            )
         if (self.previous_key is None) != (self.previous_published_until is None):
             raise ValueError("previous_key and previous_published_until go together")
         return self
@@ -277,11 +291,12 @@ class MetricsSettings(_Strict):
 class SelfServiceSettings(_Strict):
     """``[selfservice]``: HelseID's self-service API, where ``keys register`` uploads the next
     key's public JWK (``POST {url}/v1/client-secret``, scope ``nhn:selvbetjening/client``),
-    and ``records_dir``, where registration records (kid, expiry) are kept and read."""
+    and ``records_dir``, a folder of registration records (kid, expiry) read beside those
+    the key stores hold (optional: a PKCS#11 token keeps its keys' records itself)."""
 
     url: str | None = None
     scope: str = "nhn:selvbetjening/client"
-    records_dir: ConfigPath
+    records_dir: ConfigPath | None = None
 
     @field_validator("url")
     @classmethod
@@ -347,8 +362,8 @@ class Settings(_Strict):
                     raise ValueError(f"profiles.{name}.rotation.{field}: is the current assertion_key")
             if rotation.next_key is not None and self.selfservice is None:
                 raise ValueError(
-                    f"profiles.{name}.rotation.next_key: needs [selfservice] records_dir (a key becomes current "
-                    "only once registered with HelseID)"
+                    f"profiles.{name}.rotation.next_key: needs [selfservice] (a key becomes current only once "
+                    "registered with HelseID)"
                 )
             for field in ("assertion_key", "dpop_key"):
                 key = getattr(profile, field)

@@ -83,12 +83,19 @@ class LocalSigner:
         *,
         child_organization_number: str | None = None,
         parent_organization_number: str | None = None,
+        avoid_kid: str | None = None,
     ) -> ClientAssertion:
-        """A fresh client assertion (see SignerClient.sign_client_assertion)."""
+        """A fresh client assertion (see SignerClient.sign_client_assertion; this signer has
+        one key, so ``avoid_kid`` naming it is answered FAILED_PRECONDITION)."""
         self._check_profile(profile)
         try:
             signable = signing.client_assertion(
-                self.profile, parent_organization_number or "", child_organization_number or "", int(self._clock()), {}
+                self.profile,
+                parent_organization_number or "",
+                child_organization_number or "",
+                int(self._clock()),
+                {},
+                avoid_kid or "",
             )
             jwt = signing.sign(signable, time.monotonic() + SIGN_TIMEOUT)
         except (RequestError, BackendError) as exc:

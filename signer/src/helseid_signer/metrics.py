@@ -20,8 +20,13 @@ Names and labels (no label ever holds a token, a key or a caller-chosen free tex
 * ``helseid_signer_reloads_total{result}`` - reloads ``applied`` or ``refused``;
 * ``helseid_signer_audit_write_failures_total`` - audit records that could not be written;
 * ``helseid_signer_tls_certificate_expiry_timestamp_seconds{certificate}`` - when the
-  server certificate (``server``) and the earliest CA in ``client_ca`` (``client_ca``) expire.
+  server certificate (``server``) and the earliest CA in ``client_ca`` (``client_ca``) expire;
+* ``helseid_signer_rotation_blocked{profile}`` - 1 while a next key is due
+  (``next_active_from`` passed) but not registered (or not available), so it cannot sign;
+* ``helseid_signer_assertion_key_retries_total{profile,status}`` - client assertions asked
+  for with ``avoid_kid`` (HelseID refused the first), by gRPC status.
 
+``deploy/prometheus/helseid-signer-alerts.yaml`` holds alert rules on these;
 docs/operations.md, "Metrics", has the table operators read.
 
 Served by :func:`serve_metrics` (the standard library's HTTP server, bounded: at most
@@ -92,6 +97,18 @@ TLS_CERTIFICATE_EXPIRY = Gauge(
     "Unix time at which the server certificate (server) or the earliest CA in client_ca (client_ca) expires.",
     ["certificate"],
     multiprocess_mode="livemostrecent",
+)
+
+ROTATION_BLOCKED = Gauge(
+    "helseid_signer_rotation_blocked",
+    "1 while a profile's next key is due but not registered with HelseID (it cannot sign).",
+    ["profile"],
+    multiprocess_mode="livemostrecent",
+)
+ASSERTION_KEY_RETRIES = Counter(
+    "helseid_signer_assertion_key_retries",
+    "Client assertions requested with avoid_kid (HelseID refused one by that key), by gRPC status.",
+    ["profile", "status"],
 )
 
 

@@ -12,7 +12,10 @@ and registration of the next client-assertion key through HelseID's self-service
   (client credentials, scope ``selfservice.scope``), through the client library's own
   :class:`~helseid_signer_client.TokenClient` and :class:`~helseid_signer_client.DPoPAuth`
   driving a :class:`~.local_signer.LocalSigner`. The answer's ``expiration`` (the field
-  NHN's .NET and Java libraries read) becomes a registration record (:mod:`.rotation`);
+  NHN's .NET and Java libraries read) becomes a registration record (:mod:`.rotation`),
+  kept beside the key in its key store when the backend can (PKCS#11: a data object on
+  the token), else in ``records_dir`` (:func:`record_writer`); the output says where, and
+  when the key takes over (:func:`takes_over`);
 * :func:`register_manual` - ``keys register --manual``: a key uploaded by hand in the
   self-service portal, recorded with the expiry the portal shows.
 
@@ -37,15 +40,19 @@ import httpx
 
 from helseid_signer_client import DiscoveryError, DPoPAuth, RedirectRefused, SignerError, TokenClient, TokenError
 
+from .backends.base import BackendError, RegistrationStore
 from .config import Settings
 from .htu import HtuPolicy
 from .keys import KeySlot, SigningKey
 from .local_signer import LocalSigner
 from .rotation import (
     EXPIRY_WARNING_DAYS,
+    PENDING_SECONDS,
+    SOURCE_PENDING,
     RegistrationRecord,
     days_to_expiry,
     record_from_response,
+    record_json,
     utc_text,
     write_record,
 )
@@ -279,25 +286,66 @@ def _refuse_if_registered(runtime: Runtime, key: SigningKey, now: float) -> None
     book = runtime.book
     if book.is_registered(key.kid, now):
         record = book.records[key.kid]
-        path = Path(book.records_dir or ".") / f"{key.kid}.json"
+        place = book.places.get(key.kid, "?")
         raise RegistrationRefused(
             f"key {key.name} (kid {key.kid}) is already registered with HelseID for {record.client_id} "
-            f"(source {record.source}, expires {record.expires_at or 'never'}; record {path}); "
+            f"(source {record.source}, expires {record.expires_at or 'never'}; record in {place}); "
             "delete that record first to register it again"
         )
+
+
+def record_writer(
+    settings: Settings, slot: KeySlot, records_dir: str | Path | None
+) -> tuple[str, Callable[[RegistrationRecord], str], Callable[[], None]]:
+    """Where ``keys register`` puts the record of ``slot``'s key, checked BEFORE anything is
+    sent (so a key is never registered with HelseID without its record): ``records_dir``
+    when given (``--records-dir``), else the configured ``[selfservice] records_dir`` (the
+    operator chose a folder); else beside the key in its key store when the backend is a
+    :class:`~.backends.base.RegistrationStore` (every replica reads it there). Returns
+    (where, in words; a function that writes a record and returns where it went; one that
+    removes it again). RegistrationUsageError when there is no place."""
+    key = slot.get()
+    folder = records_dir or (settings.selfservice.records_dir if settings.selfservice else None)
+    if folder is None and isinstance(slot.backend, RegistrationStore):
+        store = slot.backend
+        return (
+            store.registration_place(key.resolved, key.kid),
+            lambda record: store.write_registration(key.resolved, key.kid, record_json(record)),
+            lambda: store.delete_registration(key.resolved, key.kid),
+        )
+    if folder is None:
+        raise RegistrationUsageError(
+            f"key {key.name}'s backend cannot keep registration records ({slot.backend.scheme}) and no "
+            "[selfservice] records_dir is configured: set one (every replica must read it) or give --records-dir"
+        )
+    target = writable_records_dir(folder)
+    path = target / f"{key.kid}.json"
+    return str(path), lambda record: str(write_record(target, record)), lambda: path.unlink(missing_ok=True)
+
+
+def takes_over(settings: Settings, profile: str) -> str:
+    """When a just-registered next key starts signing, in words for ``keys register``'s output."""
+    rotation = settings.profiles[profile].rotation
+    interval = settings.server.health_interval
+    if rotation.helseid_keeps_old_key and rotation.next_active_from is not None:
+        return (
+            f"at {utc_text(rotation.next_active_from.timestamp())} (helseid_keeps_old_key = true; if that is "
+            f"already past, within {interval:g} s), on every replica"
+        )
+    return f"within {interval:g} s (one health interval) on every replica that reads this record"
 
 
 def _next_key(runtime: Runtime, profile: str) -> tuple[SigningKey, SigningKey]:
     keys = runtime.profiles[profile].assertion_keys
     if keys.next is None:
         raise RegistrationUsageError(
-            f"profile {profile} has no next key: set [profiles.{profile}.rotation] next_key and next_active_from "
+            f"profile {profile} has no next key: set [profiles.{profile}.rotation] next_key "
             "to the new key first (keys register uploads the NEXT key)"
         )
     return keys.next.get(), keys.current.get()
 
 
-def _result(profile: str, key: SigningKey, record: RegistrationRecord, path: Path) -> dict[str, Any]:
+def _result(profile: str, key: SigningKey, record: RegistrationRecord, place: str, when: str) -> dict[str, Any]:
     return {
         "profile": profile,
         "key": key.name,
@@ -306,7 +354,8 @@ def _result(profile: str, key: SigningKey, record: RegistrationRecord, path: Pat
         "client_id": record.client_id,
         "expires_at": record.expires_at,
         "source": record.source,
-        "record": str(path),
+        "record": place,
+        "takes_over": when,
     }
 
 
@@ -327,7 +376,7 @@ def register_next_key(
     p = _profile_settings(settings, profile)
     selfservice = settings.selfservice
     if selfservice is None or not selfservice.url:
-        raise RegistrationUsageError("keys register needs [selfservice] url (and records_dir) in the configuration")
+        raise RegistrationUsageError("keys register needs [selfservice] url in the configuration")
     endpoint = client_secret_endpoint(selfservice.url)
     with opened_runtime(settings, [profile]) as runtime:
         next_key, current = _next_key(runtime, profile)
@@ -336,56 +385,110 @@ def register_next_key(
                 f"next key {next_key.name} is the same key (kid {next_key.kid}) as the current one"
             )
         _refuse_if_registered(runtime, next_key, clock())
-        target = writable_records_dir(records_dir or selfservice.records_dir)
-        dpop = runtime.profiles[profile].dpop_slot.get()
-        policy = HtuPolicy.from_settings(p.effective_token_endpoint, (endpoint,))
-        signer = LocalSigner(profile, p, current, dpop, policy, clock)
-        own_http = http is None
-        client = http or httpx.Client(timeout=HTTP_TIMEOUT)
-        tokens = TokenClient(signer, profile, selfservice.scope, http=client, clock=clock)  # type: ignore[arg-type]
+        place, write, undo = record_writer(settings, runtime.profiles[profile].assertion_keys.next, records_dir)
+        # A pending record first: HelseID may stop accepting the current key the moment it
+        # accepts this upload, before the final record below is written; meanwhile a refused
+        # client may have a retry signed by this key (rotation.SOURCE_PENDING). It also proves
+        # the record can be written before anything is sent.
+        try:
+            write(RegistrationRecord(next_key.kid, p.client_id, p.issuer, utc_text(clock()), None, SOURCE_PENDING))
+        except (BackendError, OSError) as exc:
+            raise RegistrationRefused(
+                f"cannot write the registration record to {place}: {exc}; nothing was sent"
+            ) from None
         log.info("registering key %s (kid %s) for %s at %s", next_key.name, next_key.kid, p.client_id, endpoint)
         try:
-            response = client.post(
-                endpoint,
-                content=json.dumps(next_key.published_jwk).encode("utf-8"),
-                headers={"Content-Type": "application/json", "Accept": "application/json"},
-                auth=DPoPAuth(tokens),
-            )
-        except TokenError as exc:
-            raise RegistrationRefused(
-                f"HelseID refused the token for scope {selfservice.scope!r} (current key {current.name}, "
-                f"kid {current.kid}): {exc}"
-            ) from None
-        except (DiscoveryError, SignerError) as exc:
-            raise RegistrationRefused(f"no token for the self-service API: {exc}") from None
-        except RedirectRefused as exc:  # the token and proof are never sent on to another URL
-            raise RegistrationRefused(f"HelseID self-service answered with a redirect: {exc}") from None
-        except httpx.HTTPError as exc:
-            try:
-                where = str(exc.request.url)
-            except RuntimeError:  # no request attached
-                where = endpoint
-            raise RegistrationRefused(f"cannot reach {where}: {exc}") from None
-        finally:
-            if own_http:
-                client.close()
-        if not response.is_success:
-            raise RegistrationRefused(f"HelseID self-service refused key {next_key.name}: {_describe_error(response)}")
+            response = _upload(settings, profile, runtime, next_key, current, endpoint, http, clock)
+        except RegistrationRefused:
+            with contextlib.suppress(BackendError, OSError):
+                undo()  # HelseID did not take the key: no pending record stays
+            raise
+        # HelseID took the key. Without a readable expiry the pending record stays (for
+        # PENDING_SECONDS it lets a refused client retry with this key) and the operator
+        # records the expiry with --manual.
+        record = _record_from_answer(response, profile, p.client_id, p.issuer, next_key)
         try:
-            answer = response.json()
-            expires = expiration_text(answer.get("expiration") if isinstance(answer, dict) else None)
-        except ValueError as exc:
+            place = write(record)
+        except (BackendError, OSError) as exc:
             raise RegistrationRefused(
-                f"HelseID accepted key {next_key.name} (kid {next_key.kid}, HTTP {response.status_code}) but its "
-                f"answer has no readable expiration ({exc}); NO record was written. Read the expiry in the "
-                f"self-service portal and run: helseid-signer keys register --config ... --profile {profile} "
-                "--manual --expires <UTC time>"
+                f"HelseID accepted key {next_key.name} (kid {next_key.kid}) but its record could not be written to "
+                f"{place}: {exc}. The key does NOT sign until it is recorded: run helseid-signer keys register "
+                f"--config ... --profile {profile} --manual --expires {record.expires_at or '<UTC time>'}"
             ) from None
-        record = record_from_response(next_key.kid, p.client_id, p.issuer, {"expiration": expires}, SOURCE_API)
-        path = write_record(target, record)
-        log.info("key %s (kid %s) registered; HelseID expiry %s; record %s", next_key.name, next_key.kid,
-                 record.expires_at, path)  # fmt: skip
-        return _result(profile, next_key, record, path)
+        when = takes_over(settings, profile)
+        log.info("key %s (kid %s) registered; HelseID expiry %s; record in %s; takes over %s", next_key.name,
+                 next_key.kid, record.expires_at, place, when)  # fmt: skip
+        return _result(profile, next_key, record, place, when)
+
+
+def _upload(
+    settings: Settings,
+    profile: str,
+    runtime: Runtime,
+    next_key: SigningKey,
+    current: SigningKey,
+    endpoint: str,
+    http: httpx.Client | None,
+    clock: Callable[[], float],
+) -> httpx.Response:
+    """POST the next key's public JWK with a token got by the current key; HelseID's
+    accepting answer. RegistrationRefused otherwise."""
+    selfservice = settings.selfservice
+    assert selfservice is not None
+    p = settings.profiles[profile]
+    dpop = runtime.profiles[profile].dpop_slot.get()
+    policy = HtuPolicy.from_settings(p.effective_token_endpoint, (endpoint,))
+    signer = LocalSigner(profile, p, current, dpop, policy, clock)
+    own_http = http is None
+    client = http or httpx.Client(timeout=HTTP_TIMEOUT)
+    tokens = TokenClient(signer, profile, selfservice.scope, http=client, clock=clock)  # type: ignore[arg-type]
+    try:
+        response = client.post(
+            endpoint,
+            content=json.dumps(next_key.published_jwk).encode("utf-8"),
+            headers={"Content-Type": "application/json", "Accept": "application/json"},
+            auth=DPoPAuth(tokens),
+        )
+    except TokenError as exc:
+        raise RegistrationRefused(
+            f"HelseID refused the token for scope {selfservice.scope!r} (current key {current.name}, "
+            f"kid {current.kid}): {exc}"
+        ) from None
+    except (DiscoveryError, SignerError) as exc:
+        raise RegistrationRefused(f"no token for the self-service API: {exc}") from None
+    except RedirectRefused as exc:  # the token and proof are never sent on to another URL
+        raise RegistrationRefused(f"HelseID self-service answered with a redirect: {exc}") from None
+    except httpx.HTTPError as exc:
+        try:
+            where = str(exc.request.url)
+        except RuntimeError:  # no request attached
+            where = endpoint
+        raise RegistrationRefused(f"cannot reach {where}: {exc}") from None
+    finally:
+        if own_http:
+            client.close()
+    if not response.is_success:
+        raise RegistrationRefused(f"HelseID self-service refused key {next_key.name}: {_describe_error(response)}")
+    return response
+
+
+def _record_from_answer(
+    response: httpx.Response, profile: str, client_id: str, issuer: str, next_key: SigningKey
+) -> RegistrationRecord:
+    """The record of HelseID's accepting answer (its ``expiration``); RegistrationRefused
+    when the answer has none readable."""
+    try:
+        answer = response.json()
+        expires = expiration_text(answer.get("expiration") if isinstance(answer, dict) else None)
+    except ValueError as exc:
+        raise RegistrationRefused(
+            f"HelseID accepted key {next_key.name} (kid {next_key.kid}, HTTP {response.status_code}) but its "
+            f"answer has no readable expiration ({exc}); NO record was written (only a pending one, which lets "
+            f"it sign nothing but retries for {PENDING_SECONDS // 60} minutes). Read the expiry in the "
+            f"self-service portal and run: helseid-signer keys register --config ... --profile {profile} "
+            "--manual --expires <UTC time>"
+        ) from None
+    return record_from_response(next_key.kid, client_id, issuer, {"expiration": expires}, SOURCE_API)
 
 
 def parse_expires(text: str, now: float) -> str:
@@ -418,22 +521,23 @@ def register_manual(
     was made, so its expiry is watched). Returns what was done, the public JWK included.
     Raises RegistrationRefused."""
     p = _profile_settings(settings, profile)
-    if settings.selfservice is None:
-        raise RegistrationUsageError("keys register needs [selfservice] records_dir in the configuration")
     now = clock()
     expires_at = parse_expires(expires, now)
     with opened_runtime(settings, [profile]) as runtime:
         keys = runtime.profiles[profile].assertion_keys
         if key_name is None:
-            key, _ = _next_key(runtime, profile)
+            _next_key(runtime, profile)
+            slot = keys.next
         else:
             slots = {s.name: s for s in (keys.current, keys.next) if s is not None}
             if key_name not in slots:
                 raise RegistrationUsageError(
                     f"key {key_name} is neither the current nor the next assertion key of profile {profile}"
                 )
-            key = slots[key_name].get()
+            slot = slots[key_name]
+        key = slot.get()  # type: ignore[union-attr]
         _refuse_if_registered(runtime, key, now)
+        _, write, _ = record_writer(settings, slot, records_dir)  # type: ignore[arg-type]
         record = RegistrationRecord(
             kid=key.kid,
             client_id=p.client_id,
@@ -442,5 +546,9 @@ def register_manual(
             expires_at=expires_at,
             source=SOURCE_MANUAL,
         )
-        path = write_record(writable_records_dir(records_dir or settings.selfservice.records_dir), record)
-        return _result(profile, key, record, path)
+        try:
+            place = write(record)
+        except (BackendError, OSError) as exc:
+            raise RegistrationRefused(f"the record of key {key.name} could not be written: {exc}") from None
+        when = takes_over(settings, profile) if slot is keys.next else "now (it is the current key)"
+        return _result(profile, key, record, place, when)

@@ -40,7 +40,9 @@ def build_runtime(settings: Settings) -> Runtime:
     raise KeyResolutionError / BackendError for configuration errors."""
     backends = build_backends(settings)
     slots = resolve_key_slots(settings, backends, time.monotonic())
-    book = RegistrationBook(settings.selfservice.records_dir if settings.selfservice else None)
+    assertion_slots = [slots[name] for p in settings.profiles.values()
+                       for name in (p.assertion_key, p.rotation.next_key, p.rotation.previous_key) if name]  # fmt: skip
+    book = RegistrationBook(settings.selfservice.records_dir if settings.selfservice else None, assertion_slots)
     profiles = {
         name: Profile(
             name=name,
@@ -55,6 +57,7 @@ def build_runtime(settings: Settings) -> Runtime:
                     p.rotation.previous_published_until.timestamp() if p.rotation.previous_published_until else None
                 ),
                 book=book,
+                keeps_old_key=p.rotation.helseid_keeps_old_key,
                 client_id=p.client_id,
                 issuer=p.issuer,
             ),

@@ -63,7 +63,6 @@ MAX_CONNECTION_AGE_MS = 300_000
 MAX_CONNECTION_AGE_GRACE_MS = 30_000
 STOP_GRACE = 5.0  # seconds in-flight requests get after SIGTERM
 PROBE_TIMEOUT = 3.0  # seconds a health probe signature may take
-DRIFT_CHECK_INTERVAL = 300.0  # seconds between asking cloud backends whether a pinned key moved on
 #: Descriptors kept for everything but TCP connections (token store files, audit, metrics, logs).
 FD_RESERVE = 256
 #: Health.Watch streams one configured caller may hold open at once (per process).
@@ -304,14 +303,16 @@ class Server:
             # Health detail: rotation:<profile> is NOT_SERVING while a due next key cannot take
             # over or a published key's HelseID registration expires within 14 days. It does
             # not change the overall status: the current key still signs.
-            rotation_ok[f"rotation:{profile.name}"] = not warnings and not profile.assertion_keys.rotation_blocked(wall)
+            blocked = profile.assertion_keys.rotation_blocked(wall)
+            metrics.ROTATION_BLOCKED.labels(profile.name).set(1 if blocked else 0)
+            rotation_ok[f"rotation:{profile.name}"] = not warnings and not blocked
         for profile in runtime.profiles.values():
             for slot, status, _, _ in profile.assertion_keys.published(wall):
                 days = days_to_expiry(runtime.book, slot.key.kid, wall) if slot.key else None
                 if days is not None:
                     metrics.KEY_EXPIRY_DAYS.labels(profile.name, slot.name, slot.key.kid, status).set(days)
         if time.monotonic() >= self._next_drift_check:
-            self._next_drift_check = time.monotonic() + DRIFT_CHECK_INTERVAL
+            self._next_drift_check = time.monotonic() + self.settings.server.drift_check_interval
             await self._check_drift(runtime)
         statuses: dict[str, bool] = {}
         for scheme, backend in runtime.backends.items():

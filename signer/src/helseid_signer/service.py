@@ -233,13 +233,35 @@ class SignerServicer:
     async def _sign_client_assertion(
         self, profile: Profile, request: pb.SignClientAssertionRequest, record: dict, deadline: float | None
     ) -> pb.SignClientAssertionResponse:
-        signable = signing.client_assertion(
-            profile,
-            request.parent_organization_number,
-            request.child_organization_number,
-            int(self._clock()),
-            record,
-        )
+        def build() -> Signable:
+            return signing.client_assertion(
+                profile,
+                request.parent_organization_number,
+                request.child_organization_number,
+                int(self._clock()),
+                record,
+                request.avoid_kid,
+            )
+
+        arrived = time.monotonic()
+        try:
+            signable = build()
+        except signing.NoOtherKeyError:
+            # HelseID refused the caller's assertion and this replica knows no other key that
+            # may sign: a registration may have been recorded since the last health check, so
+            # the records are read once more (concurrent requests share one read) before refusing.
+            book = profile.assertion_keys.book
+            if book is None:
+                metrics.ASSERTION_KEY_RETRIES.labels(profile.name, "FAILED_PRECONDITION").inc()
+                raise
+            await asyncio.get_running_loop().run_in_executor(self._executor, book.refresh_since, arrived)
+            try:
+                signable = build()
+            except signing.NoOtherKeyError:
+                metrics.ASSERTION_KEY_RETRIES.labels(profile.name, "FAILED_PRECONDITION").inc()
+                raise
+        if request.avoid_kid:
+            metrics.ASSERTION_KEY_RETRIES.labels(profile.name, "OK").inc()
         jwt = await self._sign(signable, deadline)
         record.update(signable.signed_facts)
         key = signable.key

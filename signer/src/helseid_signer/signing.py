@@ -34,11 +34,13 @@ from .claims import (
     build_assertion_claims,
     build_proof_claims,
     check_access_token_sha256,
+    check_avoid_kid,
     check_htm,
     check_nonce,
     new_jti,
 )
 from .config import ProfileSettings
+from .errors import RequestError
 from .htu import HtuPolicy
 from .jwt import compact, json_b64, signing_input
 from .keys import KeySlot, SigningKey
@@ -119,8 +121,24 @@ def _signable(key: SigningKey, header_b64: str, claims: dict[str, Any], **extra:
     )
 
 
+class NoOtherKeyError(RequestError):
+    """``avoid_kid`` was given and no other key of the profile may sign (FAILED_PRECONDITION)."""
+
+    def __init__(self) -> None:
+        super().__init__(
+            "avoid_kid",
+            "no other published, registered, unexpired client-assertion key of this profile may sign",
+            code="FAILED_PRECONDITION",
+        )
+
+
 def client_assertion(
-    profile: Profile, parent_organization_number: str, child_organization_number: str, now: int, audit: dict[str, Any]
+    profile: Profile,
+    parent_organization_number: str,
+    child_organization_number: str,
+    now: int,
+    audit: dict[str, Any],
+    avoid_kid: str = "",
 ) -> Signable:
     """Check the request and build a client assertion for ``profile`` at ``now``.
 
@@ -128,19 +146,32 @@ def client_assertion(
         parent_organization_number: 9 digits, or "" for none (multi-tenant profiles).
         child_organization_number: 9 digits, or "" for none.
         now: ``iat``/``nbf``, seconds since the epoch.
-        audit: the request's audit record; gains ``organization_numbers`` when given.
+        audit: the request's audit record; gains ``organization_numbers`` when given, and
+            ``avoid_kid`` when given.
+        avoid_kid: "" (the key that signs now), or the kid (43 base64url characters) of an
+            assertion HelseID refused: another eligible key signs
+            (:meth:`~.rotation.AssertionKeys.alternative`).
 
-    Raises RequestError (a number malformed or not allowed), BackendUnavailableError (the
-    key that signs now is pending).
+    Raises RequestError (a number or ``avoid_kid`` malformed, a number not allowed),
+    NoOtherKeyError (no other key may sign), BackendUnavailableError (the key is pending).
     """
     s = profile.settings
+    avoid = check_avoid_kid(avoid_kid)
     details = assertion_details(
         s.tenancy, s.allowed_organization_numbers, parent_organization_number, child_organization_number
     )
     claims = build_assertion_claims(s, now, new_jti(), details)
     if details is not None:
         audit["organization_numbers"] = [n for n in (parent_organization_number, child_organization_number) if n]
-    key = profile.assertion_keys.signing(now).get()
+    if avoid is None:
+        slot = profile.assertion_keys.signing(now)
+    else:
+        audit["avoid_kid"] = avoid
+        found = profile.assertion_keys.alternative(avoid, now)
+        if found is None:
+            raise NoOtherKeyError()
+        slot = found
+    key = slot.get()
     return _signable(key, key.assertion_header, claims, expires_at=claims["exp"])
 
 

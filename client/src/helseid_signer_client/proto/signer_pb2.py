@@ -24,33 +24,33 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1ehelseid/signer/v1/signer.proto\x12\x11helseid.signer.v1\"t\n\x1aSignClientAssertionRequest\x12\x0f\n\x07profile\x18\x01 \x01(\t\x12!\n\x19\x63hild_organization_number\x18\x02 \x01(\t\x12\"\n\x1aparent_organization_number\x18\x03 \x01(\t\"x\n\x1bSignClientAssertionResponse\x12\x0b\n\x03jwt\x18\x01 \x01(\t\x12\x0b\n\x03kid\x18\x02 \x01(\t\x12\x0b\n\x03\x61lg\x18\x03 \x01(\t\x12\x0b\n\x03jti\x18\x04 \x01(\t\x12\x11\n\tissued_at\x18\x05 \x01(\x03\x12\x12\n\nexpires_at\x18\x06 \x01(\x03\"m\n\x14SignDpopProofRequest\x12\x0f\n\x07profile\x18\x01 \x01(\t\x12\x0b\n\x03htm\x18\x02 \x01(\t\x12\x0b\n\x03htu\x18\x03 \x01(\t\x12\r\n\x05nonce\x18\x04 \x01(\t\x12\x1b\n\x13\x61\x63\x63\x65ss_token_sha256\x18\x05 \x01(\x0c\"k\n\x15SignDpopProofResponse\x12\x0b\n\x03jwt\x18\x01 \x01(\t\x12\x0b\n\x03jkt\x18\x02 \x01(\t\x12\x0b\n\x03\x61lg\x18\x03 \x01(\t\x12\x0b\n\x03jti\x18\x04 \x01(\t\x12\x11\n\tissued_at\x18\x05 \x01(\x03\x12\x0b\n\x03htu\x18\x06 \x01(\t\"*\n\x17GetClientProfileRequest\x12\x0f\n\x07profile\x18\x01 \x01(\t\"\xcb\x01\n\x18GetClientProfileResponse\x12\x11\n\tclient_id\x18\x01 \x01(\t\x12\x0e\n\x06issuer\x18\x02 \x01(\t\x12\x16\n\x0etoken_endpoint\x18\x03 \x01(\t\x12\x15\n\rassertion_alg\x18\x04 \x01(\t\x12\x15\n\rassertion_kid\x18\x05 \x01(\t\x12\x10\n\x08\x64pop_alg\x18\x06 \x01(\t\x12\x10\n\x08\x64pop_jkt\x18\x07 \x01(\t\x12\"\n\x1a\x61ssertion_lifetime_seconds\x18\x08 \x01(\x05\"#\n\x10GetKeySetRequest\x12\x0f\n\x07profile\x18\x01 \x01(\t\"\x99\x01\n\x0cPublishedKey\x12\x0b\n\x03kid\x18\x01 \x01(\t\x12\x0b\n\x03\x61lg\x18\x02 \x01(\t\x12\x13\n\x0bkey_version\x18\x03 \x01(\t\x12,\n\x06status\x18\x04 \x01(\x0e\x32\x1c.helseid.signer.v1.KeyStatus\x12\x13\n\x0b\x61\x63tive_from\x18\x05 \x01(\x03\x12\x17\n\x0fpublished_until\x18\x06 \x01(\x03\"s\n\x11GetKeySetResponse\x12\x11\n\tjwks_json\x18\x01 \x01(\t\x12-\n\x04keys\x18\x02 \x03(\x0b\x32\x1f.helseid.signer.v1.PublishedKey\x12\x1c\n\x14refresh_hint_seconds\x18\x03 \x01(\x05*m\n\tKeyStatus\x12\x1a\n\x16KEY_STATUS_UNSPECIFIED\x10\x00\x12\x16\n\x12KEY_STATUS_CURRENT\x10\x01\x12\x13\n\x0fKEY_STATUS_NEXT\x10\x02\x12\x17\n\x13KEY_STATUS_PREVIOUS\x10\x03\x32\xae\x03\n\rSignerService\x12t\n\x13SignClientAssertion\x12-.helseid.signer.v1.SignClientAssertionRequest\x1a..helseid.signer.v1.SignClientAssertionResponse\x12\x62\n\rSignDpopProof\x12\'.helseid.signer.v1.SignDpopProofRequest\x1a(.helseid.signer.v1.SignDpopProofResponse\x12k\n\x10GetClientProfile\x12*.helseid.signer.v1.GetClientProfileRequest\x1a+.helseid.signer.v1.GetClientProfileResponse\x12V\n\tGetKeySet\x12#.helseid.signer.v1.GetKeySetRequest\x1a$.helseid.signer.v1.GetKeySetResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1ehelseid/signer/v1/signer.proto\x12\x11helseid.signer.v1\"\x87\x01\n\x1aSignClientAssertionRequest\x12\x0f\n\x07profile\x18\x01 \x01(\t\x12!\n\x19\x63hild_organization_number\x18\x02 \x01(\t\x12\"\n\x1aparent_organization_number\x18\x03 \x01(\t\x12\x11\n\tavoid_kid\x18\x04 \x01(\t\"x\n\x1bSignClientAssertionResponse\x12\x0b\n\x03jwt\x18\x01 \x01(\t\x12\x0b\n\x03kid\x18\x02 \x01(\t\x12\x0b\n\x03\x61lg\x18\x03 \x01(\t\x12\x0b\n\x03jti\x18\x04 \x01(\t\x12\x11\n\tissued_at\x18\x05 \x01(\x03\x12\x12\n\nexpires_at\x18\x06 \x01(\x03\"m\n\x14SignDpopProofRequest\x12\x0f\n\x07profile\x18\x01 \x01(\t\x12\x0b\n\x03htm\x18\x02 \x01(\t\x12\x0b\n\x03htu\x18\x03 \x01(\t\x12\r\n\x05nonce\x18\x04 \x01(\t\x12\x1b\n\x13\x61\x63\x63\x65ss_token_sha256\x18\x05 \x01(\x0c\"k\n\x15SignDpopProofResponse\x12\x0b\n\x03jwt\x18\x01 \x01(\t\x12\x0b\n\x03jkt\x18\x02 \x01(\t\x12\x0b\n\x03\x61lg\x18\x03 \x01(\t\x12\x0b\n\x03jti\x18\x04 \x01(\t\x12\x11\n\tissued_at\x18\x05 \x01(\x03\x12\x0b\n\x03htu\x18\x06 \x01(\t\"*\n\x17GetClientProfileRequest\x12\x0f\n\x07profile\x18\x01 \x01(\t\"\xcb\x01\n\x18GetClientProfileResponse\x12\x11\n\tclient_id\x18\x01 \x01(\t\x12\x0e\n\x06issuer\x18\x02 \x01(\t\x12\x16\n\x0etoken_endpoint\x18\x03 \x01(\t\x12\x15\n\rassertion_alg\x18\x04 \x01(\t\x12\x15\n\rassertion_kid\x18\x05 \x01(\t\x12\x10\n\x08\x64pop_alg\x18\x06 \x01(\t\x12\x10\n\x08\x64pop_jkt\x18\x07 \x01(\t\x12\"\n\x1a\x61ssertion_lifetime_seconds\x18\x08 \x01(\x05\"#\n\x10GetKeySetRequest\x12\x0f\n\x07profile\x18\x01 \x01(\t\"\x99\x01\n\x0cPublishedKey\x12\x0b\n\x03kid\x18\x01 \x01(\t\x12\x0b\n\x03\x61lg\x18\x02 \x01(\t\x12\x13\n\x0bkey_version\x18\x03 \x01(\t\x12,\n\x06status\x18\x04 \x01(\x0e\x32\x1c.helseid.signer.v1.KeyStatus\x12\x13\n\x0b\x61\x63tive_from\x18\x05 \x01(\x03\x12\x17\n\x0fpublished_until\x18\x06 \x01(\x03\"s\n\x11GetKeySetResponse\x12\x11\n\tjwks_json\x18\x01 \x01(\t\x12-\n\x04keys\x18\x02 \x03(\x0b\x32\x1f.helseid.signer.v1.PublishedKey\x12\x1c\n\x14refresh_hint_seconds\x18\x03 \x01(\x05*m\n\tKeyStatus\x12\x1a\n\x16KEY_STATUS_UNSPECIFIED\x10\x00\x12\x16\n\x12KEY_STATUS_CURRENT\x10\x01\x12\x13\n\x0fKEY_STATUS_NEXT\x10\x02\x12\x17\n\x13KEY_STATUS_PREVIOUS\x10\x03\x32\xae\x03\n\rSignerService\x12t\n\x13SignClientAssertion\x12-.helseid.signer.v1.SignClientAssertionRequest\x1a..helseid.signer.v1.SignClientAssertionResponse\x12\x62\n\rSignDpopProof\x12\'.helseid.signer.v1.SignDpopProofRequest\x1a(.helseid.signer.v1.SignDpopProofResponse\x12k\n\x10GetClientProfile\x12*.helseid.signer.v1.GetClientProfileRequest\x1a+.helseid.signer.v1.GetClientProfileResponse\x12V\n\tGetKeySet\x12#.helseid.signer.v1.GetKeySetRequest\x1a$.helseid.signer.v1.GetKeySetResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'helseid.signer.v1.signer_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_KEYSTATUS']._serialized_start=1073
-  _globals['_KEYSTATUS']._serialized_end=1182
-  _globals['_SIGNCLIENTASSERTIONREQUEST']._serialized_start=53
-  _globals['_SIGNCLIENTASSERTIONREQUEST']._serialized_end=169
-  _globals['_SIGNCLIENTASSERTIONRESPONSE']._serialized_start=171
-  _globals['_SIGNCLIENTASSERTIONRESPONSE']._serialized_end=291
-  _globals['_SIGNDPOPPROOFREQUEST']._serialized_start=293
-  _globals['_SIGNDPOPPROOFREQUEST']._serialized_end=402
-  _globals['_SIGNDPOPPROOFRESPONSE']._serialized_start=404
-  _globals['_SIGNDPOPPROOFRESPONSE']._serialized_end=511
-  _globals['_GETCLIENTPROFILEREQUEST']._serialized_start=513
-  _globals['_GETCLIENTPROFILEREQUEST']._serialized_end=555
-  _globals['_GETCLIENTPROFILERESPONSE']._serialized_start=558
-  _globals['_GETCLIENTPROFILERESPONSE']._serialized_end=761
-  _globals['_GETKEYSETREQUEST']._serialized_start=763
-  _globals['_GETKEYSETREQUEST']._serialized_end=798
-  _globals['_PUBLISHEDKEY']._serialized_start=801
-  _globals['_PUBLISHEDKEY']._serialized_end=954
-  _globals['_GETKEYSETRESPONSE']._serialized_start=956
-  _globals['_GETKEYSETRESPONSE']._serialized_end=1071
-  _globals['_SIGNERSERVICE']._serialized_start=1185
-  _globals['_SIGNERSERVICE']._serialized_end=1615
+  _globals['_KEYSTATUS']._serialized_start=1093
+  _globals['_KEYSTATUS']._serialized_end=1202
+  _globals['_SIGNCLIENTASSERTIONREQUEST']._serialized_start=54
+  _globals['_SIGNCLIENTASSERTIONREQUEST']._serialized_end=189
+  _globals['_SIGNCLIENTASSERTIONRESPONSE']._serialized_start=191
+  _globals['_SIGNCLIENTASSERTIONRESPONSE']._serialized_end=311
+  _globals['_SIGNDPOPPROOFREQUEST']._serialized_start=313
+  _globals['_SIGNDPOPPROOFREQUEST']._serialized_end=422
+  _globals['_SIGNDPOPPROOFRESPONSE']._serialized_start=424
+  _globals['_SIGNDPOPPROOFRESPONSE']._serialized_end=531
+  _globals['_GETCLIENTPROFILEREQUEST']._serialized_start=533
+  _globals['_GETCLIENTPROFILEREQUEST']._serialized_end=575
+  _globals['_GETCLIENTPROFILERESPONSE']._serialized_start=578
+  _globals['_GETCLIENTPROFILERESPONSE']._serialized_end=781
+  _globals['_GETKEYSETREQUEST']._serialized_start=783
+  _globals['_GETKEYSETREQUEST']._serialized_end=818
+  _globals['_PUBLISHEDKEY']._serialized_start=821
+  _globals['_PUBLISHEDKEY']._serialized_end=974
+  _globals['_GETKEYSETRESPONSE']._serialized_start=976
+  _globals['_GETKEYSETRESPONSE']._serialized_end=1091
+  _globals['_SIGNERSERVICE']._serialized_start=1205
+  _globals['_SIGNERSERVICE']._serialized_end=1635
 # @@protoc_insertion_point(module_scope)

@@ -19,14 +19,16 @@ KEY_STATUS_NEXT: KeyStatus
 KEY_STATUS_PREVIOUS: KeyStatus
 
 class SignClientAssertionRequest(_message.Message):
-    __slots__ = ("profile", "child_organization_number", "parent_organization_number")
+    __slots__ = ("profile", "child_organization_number", "parent_organization_number", "avoid_kid")
     PROFILE_FIELD_NUMBER: _ClassVar[int]
     CHILD_ORGANIZATION_NUMBER_FIELD_NUMBER: _ClassVar[int]
     PARENT_ORGANIZATION_NUMBER_FIELD_NUMBER: _ClassVar[int]
+    AVOID_KID_FIELD_NUMBER: _ClassVar[int]
     profile: str
     child_organization_number: str
     parent_organization_number: str
-    def __init__(self, profile: _Optional[str] = ..., child_organization_number: _Optional[str] = ..., parent_organization_number: _Optional[str] = ...) -> None: ...
+    avoid_kid: str
+    def __init__(self, profile: _Optional[str] = ..., child_organization_number: _Optional[str] = ..., parent_organization_number: _Optional[str] = ..., avoid_kid: _Optional[str] = ...) -> None: ...
 
 class SignClientAssertionResponse(_message.Message):
     __slots__ = ("jwt", "kid", "alg", "jti", "issued_at", "expires_at")

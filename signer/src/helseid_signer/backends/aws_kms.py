@@ -59,6 +59,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import json
 import logging
 import os
 import re
@@ -600,6 +601,50 @@ class AwsKmsBackend:
         """Key reference -> message, for every alias that :meth:`check_pinning` last found moved."""
         return dict(self._drift)
 
+    # -- RegistrationStore ------------------------------------------------------------------
+
+    def registration_place(self, key: ResolvedKey, kid: str) -> str:
+        """:class:`~.base.RegistrationStore`: the tags' description."""
+        return f"AWS KMS key {key.version}, tags {REGISTRATION_TAG_PREFIX}*"
+
+    def read_registration(self, key: ResolvedKey, kid: str) -> str | None:
+        """:class:`~.base.RegistrationStore`: the record from the key's tags
+        ``helseid-signer:registration:<field>`` (``ListResourceTags``, every page; the
+        service's identity needs ``kms:ListResourceTags``), as JSON; None without a ``kid``
+        tag. BackendError subclasses as for any KMS call."""
+        tags: dict[str, str] = {}
+        params: dict[str, Any] = {"KeyId": key.version}
+        while True:
+            page = self._call("list_resource_tags", f"ListResourceTags {key.version}", None, **params)
+            tags.update({t["TagKey"]: t["TagValue"] for t in page.get("Tags", [])})
+            if not page.get("Truncated"):
+                break
+            params["Marker"] = page["NextMarker"]
+        fields = {k[len(REGISTRATION_TAG_PREFIX):]: v for k, v in tags.items() if k.startswith(REGISTRATION_TAG_PREFIX)}
+        if "kid" not in fields:
+            return None
+        record = {f: (fields.get(f) or None) for f in REGISTRATION_FIELDS}
+        return json.dumps(record)
+
+    def write_registration(self, key: ResolvedKey, kid: str, record_json: str) -> str:
+        """:class:`~.base.RegistrationStore`: one tag per record field (``TagResource``; the
+        operator's identity needs ``kms:TagResource``). BackendConfigError when a value is
+        longer than a tag value may be (256 characters)."""
+        record = json.loads(record_json)
+        tags = []
+        for name in REGISTRATION_FIELDS:
+            value = "" if record.get(name) is None else str(record[name])
+            if len(value) > MAX_TAG_VALUE:
+                raise BackendConfigError(f"registration field {name} is longer than {MAX_TAG_VALUE} characters")
+            tags.append({"TagKey": REGISTRATION_TAG_PREFIX + name, "TagValue": value})
+        self._call("tag_resource", f"TagResource {key.version}", None, KeyId=key.version, Tags=tags)
+        return self.registration_place(key, kid)
+
+    def delete_registration(self, key: ResolvedKey, kid: str) -> None:
+        """:class:`~.base.RegistrationStore`: remove the record's tags (``UntagResource``)."""
+        names = [REGISTRATION_TAG_PREFIX + f for f in REGISTRATION_FIELDS]
+        self._call("untag_resource", f"UntagResource {key.version}", None, KeyId=key.version, TagKeys=names)
+
     def health(self) -> bool:
         """False after KMS was unreachable (or answered 5xx), until a call succeeds again."""
         return self._healthy
@@ -698,6 +743,12 @@ def _access_denied_cause(message: str) -> str:
         f"the service's AWS identity lacks {what} in the key policy or its IAM policy (or a grant); "
         "allow it there"
     )
+
+
+#: Tag keys of a registration record on a KMS key: this prefix and the record's field name.
+REGISTRATION_TAG_PREFIX = "helseid-signer:registration:"
+REGISTRATION_FIELDS = ("kid", "client_id", "issuer", "registered_at", "expires_at", "source")
+MAX_TAG_VALUE = 256
 
 
 def _load_public_key(der: bytes, spec: str, arn: str) -> PublicKey:

@@ -675,6 +675,63 @@ class AzureKvBackend:
             )
         return str(current.id)
 
+    # -- RegistrationStore ----------------------------------------------------------
+
+    def registration_place(self, key: ResolvedKey, kid: str) -> str:
+        """:class:`~.base.RegistrationStore`: the tags' description."""
+        return f"Azure Key Vault key {key.version}, tags {REGISTRATION_TAG_PREFIX}*"
+
+    def _tags(self, key: ResolvedKey) -> dict[str, str]:
+        handle: _Handle = key.handle
+        with self._deadline(None):
+            try:
+                found = self._key_client(handle.ref.vault_url).get_key(handle.ref.name, handle.version)
+            except Exception as exc:
+                raise self._error(exc, f"reading the tags of {key.version}", hsm=handle.ref.managed_hsm) from exc
+        return dict(found.properties.tags or {})
+
+    def _set_tags(self, key: ResolvedKey, tags: dict[str, str]) -> None:
+        handle: _Handle = key.handle
+        with self._deadline(None):
+            try:
+                self._key_client(handle.ref.vault_url).update_key_properties(
+                    handle.ref.name, handle.version, tags=tags
+                )
+            except Exception as exc:
+                raise self._error(exc, f"tagging {key.version}", hsm=handle.ref.managed_hsm) from exc
+
+    def read_registration(self, key: ResolvedKey, kid: str) -> str | None:
+        """:class:`~.base.RegistrationStore`: the record from the pinned key version's tags
+        ``helseid-signer-registration-<field>`` (Get Key: the service's identity needs the
+        ``get`` key permission it has anyway), as JSON; None without a ``kid`` tag."""
+        tags = self._tags(key)
+        prefix = REGISTRATION_TAG_PREFIX
+        fields = {k[len(prefix) :]: v for k, v in tags.items() if k.startswith(prefix)}
+        if "kid" not in fields:
+            return None
+        return json.dumps({f: (fields.get(f) or None) for f in REGISTRATION_FIELDS})
+
+    def write_registration(self, key: ResolvedKey, kid: str, record_json: str) -> str:
+        """:class:`~.base.RegistrationStore`: one tag per record field on the pinned version
+        (Update Key, the ``update`` key permission - the operator's, not the service's);
+        other tags are kept. BackendConfigError when a value is longer than 256 characters."""
+        record = json.loads(record_json)
+        tags = {k: v for k, v in self._tags(key).items() if not k.startswith(REGISTRATION_TAG_PREFIX)}
+        for name in REGISTRATION_FIELDS:
+            value = "" if record.get(name) is None else str(record[name])
+            if len(value) > MAX_TAG_VALUE:
+                raise BackendConfigError(f"registration field {name} is longer than {MAX_TAG_VALUE} characters")
+            tags[REGISTRATION_TAG_PREFIX + name] = value
+        self._set_tags(key, tags)
+        return self.registration_place(key, kid)
+
+    def delete_registration(self, key: ResolvedKey, kid: str) -> None:
+        """:class:`~.base.RegistrationStore`: remove the record's tags, keeping the others."""
+        tags = self._tags(key)
+        kept = {k: v for k, v in tags.items() if not k.startswith(REGISTRATION_TAG_PREFIX)}
+        if kept != tags:
+            self._set_tags(key, kept)
+
     # -- KeyCreator -----------------------------------------------------------------
 
     def create_key(self, uri: str, key_spec: str, alg: Algorithm | None = None) -> ResolvedKey:
@@ -832,6 +889,12 @@ class _DeadlineScope:
     def __exit__(self, *exc: object) -> None:
         assert self._token is not None
         _DEADLINE.reset(self._token)
+
+
+#: Tag names of a registration record on a key version: this prefix and the record's field name.
+REGISTRATION_TAG_PREFIX = "helseid-signer-registration-"
+REGISTRATION_FIELDS = ("kid", "client_id", "issuer", "registered_at", "expires_at", "source")
+MAX_TAG_VALUE = 256
 
 
 def _same_key_version(kid: str, handle: _Handle) -> bool:

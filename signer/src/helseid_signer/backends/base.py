@@ -310,6 +310,35 @@ class Prober(Protocol):
         ...
 
 
+@runtime_checkable
+class RegistrationStore(Protocol):
+    """Optional: the key store keeps a key's HelseID registration record beside the key, so
+    that every replica - which reads that key store anyway - sees the same registrations
+    (PKCS#11: a ``CKO_DATA`` object on the key's token). ``keys register`` writes it with
+    the operator's rights; the service only reads it (:class:`~helseid_signer.rotation.RegistrationBook`,
+    once per health interval). Records are the JSON of
+    :class:`~helseid_signer.rotation.RegistrationRecord`, at most 2048 bytes."""
+
+    def read_registration(self, key: ResolvedKey, kid: str) -> str | None:
+        """The record stored for ``key`` (whose RFC 7638 thumbprint is ``kid``), or None.
+        Raises BackendError subclasses (the caller keeps what it read before)."""
+        ...
+
+    def write_registration(self, key: ResolvedKey, kid: str, record_json: str) -> str:
+        """Store ``record_json`` for ``key``, replacing an earlier record, and return where it
+        went, in words fit for an operator. Raises BackendError subclasses."""
+        ...
+
+    def delete_registration(self, key: ResolvedKey, kid: str) -> None:
+        """Remove the record stored for ``key`` (none: nothing happens). Raises BackendError
+        subclasses."""
+        ...
+
+    def registration_place(self, key: ResolvedKey, kid: str) -> str:
+        """Where the record of ``key`` is kept, in words (no backend call)."""
+        ...
+
+
 @dataclass(frozen=True)
 class Registration:
     """Where a backend lives: ``target`` is ``"module:Class"`` (a :class:`KeyBackend` with a

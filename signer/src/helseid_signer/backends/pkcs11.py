@@ -37,6 +37,7 @@ process serves (``Session.close`` would log out every session of the token).
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import os
 import re
@@ -342,6 +343,19 @@ def _check_signature_size(alg: Algorithm, signature: bytes) -> None:
         raise BackendUnavailableError(
             f"token returned a {len(signature)}-byte ECDSA signature, {alg.signature_size} expected"
         )
+
+
+#: ``CKA_APPLICATION`` of the data objects that hold registration records (RegistrationStore).
+REGISTRATION_APPLICATION = "helseid-signer registration"
+MAX_REGISTRATION_BYTES = 2048
+
+
+def _registered_at(text: str) -> str:
+    try:
+        value = json.loads(text).get("registered_at")
+    except (ValueError, AttributeError):
+        return ""
+    return value if isinstance(value, str) else ""
 
 
 @dataclass
@@ -734,6 +748,76 @@ class Pkcs11Backend:
     def close(self) -> None:
         """Forget sessions (they end with the process; an explicit close would log the token out)."""
         self._sessions.clear()
+
+    # -- RegistrationStore ----------------------------------------------------------
+
+    def _registration_template(self, kid: str) -> dict[Attribute, Any]:
+        return {
+            Attribute.CLASS: ObjectClass.DATA,
+            Attribute.APPLICATION: REGISTRATION_APPLICATION,
+            Attribute.LABEL: kid,
+        }
+
+    def registration_place(self, key: ResolvedKey, kid: str) -> str:
+        """:class:`~.base.RegistrationStore`: the data object's description."""
+        parsed = key.handle.parsed
+        token = f"label {parsed.token!r}" if parsed.token is not None else f"serial {parsed.serial!r}"
+        return f"PKCS#11 token {token}, data object application {REGISTRATION_APPLICATION!r} label {kid!r}"
+
+    def read_registration(self, key: ResolvedKey, kid: str) -> str | None:
+        """:class:`~.base.RegistrationStore`: the ``CKA_VALUE`` of the private ``CKO_DATA``
+        object with ``CKA_APPLICATION`` :data:`REGISTRATION_APPLICATION` and ``CKA_LABEL``
+        ``kid`` on the key's token (the newest by ``registered_at`` when several remain
+        after an interrupted write), or None. BackendUnavailableError on a Cryptoki error."""
+        parsed = key.handle.parsed
+        with self._lock:
+            try:
+                session = self._session(parsed)
+                values = [bytes(o[Attribute.VALUE]) for o in session.get_objects(self._registration_template(kid))]
+            except PKCS11Error as exc:
+                self._sessions.clear()  # a stale session is opened anew on the next call
+                raise BackendUnavailableError(
+                    f"PKCS#11 error reading a registration record: {type(exc).__name__}"
+                ) from exc
+        texts = [v.decode("utf-8", "replace") for v in values]
+        return max(texts, key=_registered_at) if texts else None
+
+    def write_registration(self, key: ResolvedKey, kid: str, record_json: str) -> str:
+        """:class:`~.base.RegistrationStore`: create the record's data object on the key's
+        token (``CKA_TOKEN``, ``CKA_PRIVATE``: only a logged-in user reads or changes it),
+        then destroy older ones, so a reader always finds one. BackendUnavailableError on a
+        Cryptoki error, BackendConfigError when the record is too large."""
+        value = record_json.encode("utf-8")
+        if len(value) > MAX_REGISTRATION_BYTES:
+            raise BackendConfigError(f"a registration record of {len(value)} bytes is too large")
+        parsed = key.handle.parsed
+        with self._lock:
+            try:
+                session = self._session(parsed)
+                old = list(session.get_objects(self._registration_template(kid)))
+                session.create_object(
+                    {**self._registration_template(kid), Attribute.TOKEN: True, Attribute.PRIVATE: True,
+                     Attribute.MODIFIABLE: True, Attribute.VALUE: value}  # fmt: skip
+                )
+                for obj in old:
+                    obj.destroy()
+            except PKCS11Error as exc:
+                raise BackendUnavailableError(
+                    f"PKCS#11 error writing a registration record: {type(exc).__name__}"
+                ) from exc
+        return self.registration_place(key, kid)
+
+    def delete_registration(self, key: ResolvedKey, kid: str) -> None:
+        """:class:`~.base.RegistrationStore`: destroy the record's data objects on the key's
+        token. BackendUnavailableError on a Cryptoki error."""
+        with self._lock:
+            try:
+                for obj in list(self._session(key.handle.parsed).get_objects(self._registration_template(kid))):
+                    obj.destroy()
+            except PKCS11Error as exc:
+                raise BackendUnavailableError(
+                    f"PKCS#11 error deleting a registration record: {type(exc).__name__}"
+                ) from exc
 
     # -- KeyCreator -----------------------------------------------------------------
 
