@@ -993,7 +993,7 @@ def test_check_warns_of_a_key_that_expires_soon_and_refuses_an_expired_one(stand
             "[backends.azurekv]", f'ca_bundle = "{standin.ca_path}"', "verify_challenge_resource = false", "",
             "[keys.soon]", f'uri = "{ref(standin, soon)}"', 'alg = "ES256"', "",
             "[keys.gone]", f'uri = "{ref(standin, gone)}"', 'alg = "ES256"', "",
-            "[profiles.p]", 'client_id = "c"', 'issuer = "https://helseid-sts.test.nhn.no"',
+            "[profiles.p]", 'client_id = "c"', 'issuer = "https://127.0.0.1:4443"',
             'assertion_key = "soon"', 'dpop_key = "soon"', "",
         ])
     )  # fmt: skip

@@ -33,7 +33,7 @@ from tests.support.signer_proc import running_signer
 from tests.support.signerkit import keys_create, write_config
 from tests.support.softhsm import create_token
 
-ISSUER = "https://helseid-sts.test.nhn.no"
+ISSUER = "https://127.0.0.1:4443"  # insecure = true needs a loopback issuer (docs/security.md, "Insecure mode")
 CLIENT_ID = "avoid-client"
 KEYS = ("cur", "nx1", "nx2", "nx3", "old", "dpop")
 
