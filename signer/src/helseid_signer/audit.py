@@ -100,7 +100,7 @@ def _resolve(waiters: list[asyncio.Future], error: Exception | None) -> None:
 
 
 class RefusalCounter:
-    """Bounded audit of refusals: per kind - (``caller``, ``purpose``, ``status``,
+    """Bounded audit of refusals: per kind - (``caller``, ``profile``, ``purpose``, ``status``,
     ``error``) - and ``interval`` seconds, the first refusal is returned to be written as
     its own record; the rest are counted, and when the interval has ended one record with
     ``outcome`` ``repeated``, ``count``, ``first_time`` and ``last_time`` stands for them.
@@ -122,12 +122,13 @@ class RefusalCounter:
         refusal itself when it is the first of its kind in this interval."""
         out = self.due()
         caller = record.get("caller")
-        key = (caller, record.get("purpose"), record.get("status"), record.get("error"))
+        # Profiles are configured names (None before the name is checked): the kinds stay bounded.
+        key = (caller, record.get("profile"), record.get("purpose"), record.get("status"), record.get("error"))
         entry = self._counts.get(key)
         if entry is None and (
             len(self._counts) >= MAX_REFUSAL_KINDS or self._kinds.get(caller, 0) >= MAX_REFUSAL_KINDS_PER_CALLER
         ):
-            key = (caller, record.get("purpose"), record.get("status"), None)
+            key = (caller, record.get("profile"), record.get("purpose"), record.get("status"), None)
             entry = self._counts.get(key)
         now = _utc_now()
         if entry is None:
@@ -151,7 +152,7 @@ class RefusalCounter:
         return [
             {
                 "caller": caller,
-                "profile": None,
+                "profile": profile,
                 "purpose": purpose,
                 "outcome": "repeated",
                 "status": status,
@@ -161,7 +162,7 @@ class RefusalCounter:
                 "last_time": entry["last_time"],
                 "interval_s": self.interval,
             }
-            for (caller, purpose, status, error), entry in counts.items()
+            for (caller, profile, purpose, status, error), entry in counts.items()
             if entry["count"]
         ]
 

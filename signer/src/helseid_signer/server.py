@@ -30,7 +30,7 @@ from helseid_signer_client.proto import signer_pb2
 
 from . import metrics
 from .audit import AuditLog
-from .backends.base import BackendError, DriftReporter, KeyBackend, OwnSigningThread, Prober
+from .backends.base import BackendError, DriftReporter, KeyBackend, OwnSigningThread, Prober, RegistrationStore
 from .config import (
     ConfigError,
     ServerSettings,
@@ -291,7 +291,11 @@ class Server:
                 else:
                     log.warning("key %s still unavailable (next attempt in %.0f s): %s", slot.name,
                                 slot.next_attempt - now, slot.error)  # fmt: skip
-        await loop.run_in_executor(self.executor, runtime.book.refresh)
+        # Registration records are read from the key stores too (issue 16): never from one
+        # that hangs, and never for longer than a probe, so a hung key store cannot hold the
+        # health check - and with it reloads - behind it (issue 13).
+        if not any(self._hung(b) for b in runtime.backends.values() if isinstance(b, RegistrationStore)):
+            await self._bounded(self.executor, runtime.book.refresh)
         wall = time.time()
         rotation_ok: dict[str, bool] = {}
         for profile in runtime.profiles.values():
