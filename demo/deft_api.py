@@ -50,6 +50,7 @@ import json
 import re
 import secrets
 import shutil
+import sys
 import tempfile
 import threading
 import time
@@ -830,7 +831,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--audience", default="urn:nhn:deft", help="the aud access tokens must carry")
     parser.add_argument("--require-nonce", action="store_true", help="demand the API's own DPoP nonce")
     args = parser.parse_args(argv)
-    with DeftApi(args.issuer, args.audience, args.require_nonce, port=args.port) as api:
+    try:
+        api = DeftApi(args.issuer, args.audience, args.require_nonce, port=args.port)
+    except (httpx.HTTPError, ValueError, KeyError) as exc:  # the issuer's discovery or JWKS is not there (yet)
+        print(f"deft_api: cannot read {args.issuer}'s discovery document and JWKS ({exc}); start the "
+              "authorization server first", file=sys.stderr)  # fmt: skip
+        return 1
+    with api:
         print(json.dumps({"base_url": api.base_url + "/api"}), flush=True)
         try:
             threading.Event().wait()

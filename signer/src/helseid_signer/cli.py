@@ -295,7 +295,8 @@ def main(argv: list[str] | None = None) -> int:
         "health",
         help="ask a running service for its health status (grpc.health.v1 Check); for systemd hosts and scripts",
         description="Exit 0: SERVING; 1: NOT_SERVING, no answer, or refused; 2: usage error. Asks --target, or "
-        "else a caller Unix socket in --config (a probe caller's, with profiles = [], first).",
+        "else a caller Unix socket in --config (a probe caller's, with profiles = [], first), "
+        "else its plaintext development listener (insecure = true).",
     )
     p.add_argument("--config", help="TOML configuration file: ask a caller Unix socket of it")
     p.add_argument("--target", help="gRPC target instead: unix:/run/helseid-signer/probe.sock or host:port")
